@@ -1,0 +1,159 @@
+"""`instar run | plan | validate | status | data` — the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from instar.errors import InstarError
+
+
+def _fmt(value, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    if pct:
+        return f"{100 * value:.1f}%"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _results_table(results) -> None:
+    from rich.table import Table
+
+    from instar.console import console
+
+    table = Table(title="stages", title_justify="left")
+    for col in ("stage", "kind", "", "steps", "loss", "exact match (a+b=)", "exact match (chat)", "seconds"):
+        table.add_column(col, justify="left" if col in ("stage", "kind", "") else "right")
+    for r in results:
+        m = r.metrics
+        seconds = m.get("train_seconds", m.get("merge_seconds"))
+        table.add_row(r.name, r.kind, "cached" if r.cached else "ran", _fmt(m.get("steps")), _fmt(m.get("loss")),
+                      _fmt(m.get("exact_match/plain"), pct=True), _fmt(m.get("exact_match/chat"), pct=True),
+                      _fmt(seconds))
+    console.print(table)
+
+
+def cmd_validate(args) -> int:
+    from instar.config.load import load_recipe
+    from instar.graph.dag import StageGraph
+
+    loaded = load_recipe(args.recipe, args.overrides)
+    graph = StageGraph(loaded.recipe)
+    print(f"{args.recipe}: valid ({len(graph.stages)} stages: {' -> '.join(graph.topo_order())})")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from rich.table import Table
+
+    from instar.config.load import load_recipe
+    from instar.console import console
+    from instar.graph.plan import make_plan
+
+    loaded = load_recipe(args.recipe, args.overrides)
+    table = Table(title=f"plan for {loaded.run_dir}", title_justify="left")
+    for col in ("stage", "kind", "parents", "fingerprint", "state"):
+        table.add_column(col)
+    for sp in make_plan(loaded):
+        table.add_row(sp.name, sp.kind, ", ".join(sp.parents) or "-", sp.fingerprint,
+                      "cached" if sp.cached else "pending")
+    console.print(table)
+    return 0
+
+
+def cmd_run(args) -> int:
+    import time
+
+    from instar.config.load import load_recipe
+    from instar.console import say
+    from instar.graph.runner import run_recipe
+
+    t0 = time.perf_counter()
+    loaded = load_recipe(args.recipe, args.overrides)
+    results = run_recipe(loaded, quiet=args.quiet)
+    if not args.quiet:
+        _results_table(results)
+        say(f"run directory: {loaded.run_dir}  ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from rich.table import Table
+
+    from instar.console import console
+    from instar.graph.runner import load_graph
+    from instar.graph.state import stage_status
+
+    run_dir = Path(args.run_dir)
+    graph = load_graph(run_dir)
+    table = Table(title=f"{run_dir}", title_justify="left")
+    for col in ("stage", "kind", "parents", "state", "steps", "loss", "exact match (a+b=)", "exact match (chat)", "note"):
+        table.add_column(col)
+    failed = 0
+    for stage in graph["stages"]:
+        status, details = stage_status(run_dir / stage["name"], stage["fingerprint"])
+        m = details.get("metrics", {}) if status == "done" else {}
+        note = ""
+        if status == "failed":
+            failed += 1
+            note = (details.get("error") or "").strip().splitlines()[-1][:120] if details.get("error") else ""
+        table.add_row(stage["name"], stage["kind"], ", ".join(stage["parents"]) or "-", status,
+                      _fmt(m.get("steps")), _fmt(m.get("loss")), _fmt(m.get("exact_match/plain"), pct=True),
+                      _fmt(m.get("exact_match/chat"), pct=True), note)
+    console.print(table)
+    return 0
+
+
+def cmd_data_arithmetic(args) -> int:
+    from instar.data.arithmetic import write_arithmetic
+
+    paths = write_arithmetic(Path(args.out_dir), seed=args.seed)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="instar", description="Train a language model through a graph of stages.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def recipe_cmd(name: str, help_text: str, fn):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("recipe", help="recipe YAML file")
+        p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. stages.sft.train.lr=1e-5")
+        p.set_defaults(fn=fn)
+        return p
+
+    run = recipe_cmd("run", "run every stage whose artifact is missing or stale", cmd_run)
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+    recipe_cmd("plan", "show the stages in order with fingerprints and cached/pending", cmd_plan)
+    recipe_cmd("validate", "check a recipe without running anything", cmd_validate)
+    status = sub.add_parser("status", help="show each stage's state and final metrics")
+    status.add_argument("run_dir")
+    status.set_defaults(fn=cmd_status)
+    data = sub.add_parser("data", help="data tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    arith = data_sub.add_parser("arithmetic", help="write the built-in arithmetic-world data as JSONL")
+    arith.add_argument("out_dir")
+    arith.add_argument("--seed", type=int, default=0)
+    arith.set_defaults(fn=cmd_data_arithmetic)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except InstarError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

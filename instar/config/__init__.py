@@ -1,0 +1,1 @@
+"""Recipes: YAML -> typed models, overrides, defaults resolution."""

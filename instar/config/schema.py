@@ -1,0 +1,139 @@
+"""Typed recipe models (pydantic v2, unknown keys forbidden).
+
+A recipe has four sections: `run`, `model`, `defaults` and `stages`. Every stage inherits
+`defaults` (train, eval, optimizer, precision, distributed) and may override any field.
+Kind-specific stage settings live in the kind's own spec class (see `instar.trainer.kinds`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class RunConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    output_dir: str = "runs"
+    seed: int = 0
+
+
+class ModelConfig(Strict):
+    """The model the root stages start from: an HF config mapping or a local HF directory."""
+
+    config: dict[str, Any] | None = None
+    path: str | None = None
+    tokenizer: str | None = None  # "instar-char" (built in) or a local HF tokenizer folder; default: `path`'s, else instar-char
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.config is None) == (self.path is None):
+            raise ValueError("give exactly one of `model.config` (an HF config mapping) or `model.path`")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("`model.config` needs a `model_type` (e.g. llama)")
+        if self.tokenizer is None:
+            self.tokenizer = self.path if self.path is not None else "instar-char"
+        return self
+
+
+class GenerateSpec(Strict):
+    """Data made by a built-in generator, written into the run directory as JSONL."""
+
+    task: Literal["arithmetic"] = "arithmetic"
+    split: str
+    rows: int = 0
+    seed: int = 0
+    max_operand: int | None = None
+
+
+class DataSpec(Strict):
+    """Where a stage's rows come from: a JSONL file or a built-in generator."""
+
+    path: str | None = None
+    generate: GenerateSpec | None = None
+    on_bad_row: Literal["error", "skip"] = "error"
+    max_rows: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        if (self.path is None) == (self.generate is None):
+            raise ValueError("give exactly one of `path` (a JSONL file) or `generate` (a built-in generator)")
+        return self
+
+
+class OptimizerConfig(Strict):
+    name: Literal["adamw"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+
+
+class TrainConfig(Strict):
+    steps: int = Field(default=100, gt=0)
+    lr: float = Field(default=1e-3, gt=0)
+    micro_batch_size: int = Field(default=32, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    seq_len: int = Field(default=128, gt=1)
+    packing: bool = True
+    warmup_ratio: float = Field(default=0.05, ge=0, le=1)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    checkpoint_every: int = Field(default=100, ge=0)
+    keep_checkpoints: int = Field(default=2, gt=0)
+    log_every: int = Field(default=10, gt=0)
+    max_bad_steps: int = Field(default=5, gt=0)
+
+
+class ExactMatchConfig(Strict):
+    data: DataSpec = DataSpec(generate=GenerateSpec(split="heldout"))
+    formats: list[Literal["plain", "chat"]] = ["plain", "chat"]
+    max_rows: int | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=256, gt=0)
+
+
+class EvalConfig(Strict):
+    every: int = Field(default=0, ge=0)  # steps between evals; 0 = only at the end
+    exact_match: ExactMatchConfig | None = None
+
+
+class DistributedConfig(Strict):
+    engine: Literal["single"] = "single"
+
+
+Precision = Literal["fp32", "bf16"]
+
+# Fields that change how a stage is observed but never what it produces; kept out of fingerprints.
+COSMETIC_TRAIN_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints")
+
+
+class Defaults(Strict):
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    precision: Precision = "fp32"
+    distributed: DistributedConfig = DistributedConfig()
+
+
+class StageSpec(Strict):
+    """Settings every stage kind shares. A kind adds its own fields in a subclass."""
+
+    kind: str
+    after: list[str] = []
+    data: DataSpec | None = None
+    tokenizer: str | None = None  # defaults to the parent's tokenizer, or `model.tokenizer` for roots
+    train: TrainConfig | None = None
+    eval: EvalConfig | None = None
+    optimizer: OptimizerConfig | None = None
+    precision: Precision | None = None
+    distributed: DistributedConfig | None = None
+
+
+class Recipe(Strict):
+    run: RunConfig
+    model: ModelConfig
+    defaults: Defaults = Defaults()
+    stages: dict[str, SerializeAsAny[StageSpec]]

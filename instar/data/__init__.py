@@ -1,0 +1,1 @@
+"""Data: row formats, JSONL reading, generators, tokenizers, samplers and packing."""

@@ -1,0 +1,66 @@
+"""Read JSONL rows with errors that name file:line, or skip bad rows and count them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from instar.errors import DataError
+
+
+@dataclass
+class Rows:
+    rows: list[dict]
+    path: Path
+    skipped: int = 0
+    first_skip: str | None = None  # the first skipped row's problem, to report
+
+
+def _problem(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "row"
+        parts.append(f"{field}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def read_rows(path: Path, row_model: type[BaseModel], on_bad_row: str = "error",
+              max_rows: int | None = None) -> Rows:
+    """Parse `path` line by line, validating each row against `row_model`.
+
+    Blank lines are ignored. A bad row raises DataError naming `path:line`, or with
+    `on_bad_row="skip"` is dropped and counted.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (check the stage's `data.path`; relative paths "
+                        f"are resolved against the recipe's folder)")
+    out = Rows(rows=[], path=path)
+    with path.open("r", encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            problem = None
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    problem = f"expected a JSON object, got {type(obj).__name__}"
+                else:
+                    out.rows.append(row_model.model_validate(obj).model_dump())
+            except json.JSONDecodeError as exc:
+                problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
+            except ValidationError as exc:
+                problem = _problem(exc)
+            if problem is not None:
+                if on_bad_row == "error":
+                    raise DataError(f"{path}:{line_no}: bad row: {problem}. Fix the row, or set "
+                                    f"`data.on_bad_row: skip` to drop bad rows and count them")
+                out.skipped += 1
+                out.first_skip = out.first_skip or f"{path}:{line_no}: {problem}"
+            if max_rows is not None and len(out.rows) >= max_rows:
+                break
+    if not out.rows:
+        raise DataError(f"{path}: no usable rows (skipped {out.skipped}; first problem: {out.first_skip})")
+    return out

@@ -1,0 +1,116 @@
+"""Micro-batches from tokenised examples: packed rows without cross-document attention.
+
+An example is (input_ids, targets) with targets already shifted: targets[i] is the token that
+should follow input_ids[i], or -100 where no loss is taken. Packing never splits an example;
+each packed document restarts its position ids and only attends within itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    targets: list[int]
+
+    def __post_init__(self) -> None:
+        assert len(self.input_ids) == len(self.targets)
+
+
+def causal_example(ids: list[int], loss_mask: list[bool] | None = None) -> Example:
+    """Example for next-token prediction on `ids`; loss_mask[i] says whether token i is learnt."""
+    targets = ids[1:] + [IGNORE]
+    if loss_mask is not None:
+        targets = [t if loss_mask[i + 1] else IGNORE for i, t in enumerate(targets[:-1])] + [IGNORE]
+    return Example(list(ids), targets)
+
+
+def block_diagonal_mask(doc_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, T, T] mask: 0 where query i may attend key j (same document, j <= i),
+    the dtype's minimum elsewhere. Padding (doc id -1) attends to itself so no row is empty.
+
+    An additive float mask (not bool) is exact with both sdpa and eager attention.
+    """
+    t = doc_ids.shape[1]
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    allowed = (same_doc & causal) | torch.eye(t, dtype=torch.bool, device=doc_ids.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def collate_rows(rows: list[list[Example]], pad_id: int, length: int) -> dict[str, torch.Tensor]:
+    """Lay out rows of examples (each row's examples end to end) as padded tensors of `length`."""
+    b = len(rows)
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    targets = torch.full((b, length), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((b, length), dtype=torch.long)
+    doc_ids = torch.full((b, length), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        offset = 0
+        for d, ex in enumerate(row):
+            n = len(ex.input_ids)
+            input_ids[r, offset : offset + n] = torch.tensor(ex.input_ids)
+            targets[r, offset : offset + n] = torch.tensor(ex.targets)
+            position_ids[r, offset : offset + n] = torch.arange(n)
+            doc_ids[r, offset : offset + n] = d
+            offset += n
+    return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "doc_ids": doc_ids}
+
+
+class Batcher:
+    """Fills micro-batches of `batch_size` rows from a sampler over one or more example lists.
+
+    packing=True: each row of `seq_len` tokens holds as many whole examples as fit; an example
+    that does not fit waits for the next row (it is part of the saved state). packing=False:
+    one example per row, padded to the longest in the batch. Over-long examples are cut to
+    `seq_len` (their loss on the cut part is lost; the count is kept in `truncated`).
+    """
+
+    def __init__(self, sources: list[list[Example]], sampler, batch_size: int, seq_len: int,
+                 packing: bool, pad_id: int):
+        self.sources, self.sampler = sources, sampler
+        self.batch_size, self.seq_len, self.packing, self.pad_id = batch_size, seq_len, packing, pad_id
+        self.pending: tuple[int, int] | None = None
+        self.truncated = 0
+
+    def _take(self) -> tuple[tuple[int, int], Example]:
+        from_pending = self.pending is not None
+        key = self.pending if from_pending else self.sampler.next()
+        self.pending = None
+        ex = self.sources[key[0]][key[1]]
+        if len(ex.input_ids) > self.seq_len:
+            self.truncated += 0 if from_pending else 1
+            ex = Example(ex.input_ids[: self.seq_len], ex.targets[: self.seq_len - 1] + [IGNORE])
+        return key, ex
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        rows: list[list[Example]] = []
+        for _ in range(self.batch_size):
+            key, ex = self._take()
+            row, used = [ex], len(ex.input_ids)
+            while self.packing:
+                key, ex = self._take()
+                if used + len(ex.input_ids) > self.seq_len:
+                    self.pending = key
+                    break
+                row.append(ex)
+                used += len(ex.input_ids)
+            rows.append(row)
+        length = self.seq_len if self.packing else max(sum(len(e.input_ids) for e in r) for r in rows)
+        return collate_rows(rows, self.pad_id, length)
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "pending": self.pending, "truncated": self.truncated}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.pending = tuple(state["pending"]) if state["pending"] is not None else None
+        self.truncated = int(state["truncated"])

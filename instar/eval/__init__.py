@@ -1,0 +1,1 @@
+"""Per-stage evaluators."""

@@ -1,0 +1,1 @@
+"""The stage graph: DAG validation, fingerprints, plans, run state and the runner."""

@@ -1,0 +1,62 @@
+"""Plan a run: validate the graph, materialise data, fingerprint every stage, find cached ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from instar.config.load import LoadedRecipe
+from instar.config.resolve import resolve_stage
+from instar.config.schema import StageSpec
+from instar.data.sources import file_hash, materialize
+from instar.errors import DataError
+from instar.graph.dag import StageGraph
+from instar.graph.fingerprint import stage_fingerprint
+from instar.models.export import read_meta
+
+
+@dataclass
+class StagePlan:
+    name: str
+    kind: str
+    parents: list[str]
+    spec: StageSpec  # resolved
+    fingerprint: str
+    data_paths: list[Path] = field(default_factory=list)
+    data_hashes: dict[str, str] = field(default_factory=dict)
+    cached: bool = False
+
+
+def _hash(path: Path, stage: str) -> str:
+    if not path.is_file():
+        raise DataError(f"stage '{stage}': data file not found: {path} (relative paths are resolved against "
+                        f"the recipe's folder)")
+    return file_hash(path)
+
+
+def make_plan(loaded: LoadedRecipe) -> list[StagePlan]:
+    """Every stage in topological order with its fingerprint and whether its artifact is current."""
+    from instar.trainer.kinds import get_kind
+
+    recipe, run_dir, base_dir = loaded.recipe, loaded.run_dir, loaded.base_dir
+    graph = StageGraph(recipe)
+    fingerprints: dict[str, str] = {}
+    plan = []
+    for name in graph.topo_order():
+        spec = resolve_stage(recipe, name)
+        kind = get_kind(spec.kind)
+        data_specs = kind.data_specs(name, recipe.stages[name], recipe)
+        paths = [materialize(ds, base_dir, run_dir) for ds in data_specs]
+        hashes = {str(p): _hash(p, name) for p in paths}
+        eval_hashes = []
+        if spec.eval.exact_match is not None:
+            eval_path = materialize(spec.eval.exact_match.data, base_dir, run_dir)
+            eval_hashes = [_hash(eval_path, name)]
+        fp = stage_fingerprint(name, spec, recipe, [fingerprints[p] for p in spec.after],
+                               [hashes[str(p)] for p in paths] + eval_hashes)
+        fingerprints[name] = fp
+        meta = read_meta(run_dir / name / "model")
+        plan.append(StagePlan(name=name, kind=spec.kind, parents=list(spec.after), spec=spec, fingerprint=fp,
+                              data_paths=paths, data_hashes=hashes,
+                              cached=meta is not None and meta.get("fingerprint") == fp))
+    return plan

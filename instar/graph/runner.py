@@ -1,0 +1,139 @@
+"""Run a recipe: plan, check everything that can be checked up front, then run pending stages
+in topological order (in this process), skipping stages whose artifact is current."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from instar.config.load import LoadedRecipe
+from instar.console import say
+from instar.data.formats import ROW_FORMATS
+from instar.data.jsonl import read_rows
+from instar.errors import ContractError, InstarError
+from instar.graph.plan import StagePlan, make_plan
+from instar.graph.state import write_state
+from instar.models.export import read_meta, write_json_atomic
+
+
+@dataclass
+class StageResult:
+    name: str
+    kind: str
+    cached: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """One `instar run` per run directory at a time."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with (run_dir / ".lock").open("w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InstarError(f"{run_dir}: another `instar run` is using this run directory; wait for it "
+                              f"or give this run another run.name") from None
+        yield
+
+
+def _effective_tokenizers(loaded: LoadedRecipe, plan: list[StagePlan]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for sp in plan:
+        own = sp.spec.tokenizer
+        out[sp.name] = own or (out[sp.parents[0]] if sp.parents else loaded.recipe.model.tokenizer)
+    return out
+
+
+def precheck(loaded: LoadedRecipe, plan: list[StagePlan]) -> None:
+    """Fail before any training on what can be known now: bad data rows, tokenizer mismatches."""
+    from instar.trainer.kinds import get_kind
+
+    pending = [sp for sp in plan if not sp.cached]
+    for sp in pending:
+        kind = get_kind(sp.kind)
+        specs = kind.data_specs(sp.name, loaded.recipe.stages[sp.name], loaded.recipe)
+        for path, ds in zip(sp.data_paths, specs):
+            read_rows(path, ROW_FORMATS[kind.row_format], ds.on_bad_row, ds.max_rows)
+    effective = _effective_tokenizers(loaded, plan)
+    for sp in pending:
+        for parent in sp.parents:
+            if effective[parent] != effective[sp.name]:
+                _check_same_tokenizer(loaded, sp.name, effective[sp.name], parent, effective[parent])
+
+
+def _check_same_tokenizer(loaded, stage, spec, parent, parent_spec) -> None:
+    from instar.data.tokenizer import load_tokenizer
+
+    a, b = load_tokenizer(spec, loaded.base_dir), load_tokenizer(parent_spec, loaded.base_dir)
+    if a.get_vocab() != b.get_vocab():
+        raise ContractError(f"stage '{stage}': its tokenizer '{spec}' ({len(a)} tokens) differs from parent "
+                            f"'{parent}''s tokenizer '{parent_spec}' ({len(b)} tokens); the parent's weights "
+                            f"only fit its own vocabulary. Drop stages.{stage}.tokenizer to inherit it")
+
+
+def save_run_files(loaded: LoadedRecipe, plan: list[StagePlan]) -> None:
+    """The fully resolved recipe and the graph (for `instar status`) in the run directory."""
+    run_dir = loaded.run_dir
+    resolved = {
+        "run": loaded.recipe.run.model_dump(mode="json"),
+        "model": loaded.recipe.model.model_dump(mode="json"),
+        "stages": {sp.name: sp.spec.model_dump(mode="json") for sp in plan},
+    }
+    tmp = run_dir / ".recipe.resolved.yaml.tmp"
+    tmp.write_text(f"# resolved from {loaded.path} with overrides {loaded.overrides}\n"
+                   + yaml.safe_dump(resolved, sort_keys=False))
+    os.replace(tmp, run_dir / "recipe.resolved.yaml")
+    write_json_atomic(run_dir / "graph.json", {
+        "recipe": str(loaded.path),
+        "stages": [{"name": sp.name, "kind": sp.kind, "parents": sp.parents, "fingerprint": sp.fingerprint}
+                   for sp in plan],
+    })
+
+
+def run_recipe(loaded: LoadedRecipe, quiet: bool = False) -> list[StageResult]:
+    from instar.trainer.context import StageContext
+    from instar.trainer.kinds import get_kind
+
+    plan = make_plan(loaded)
+    precheck(loaded, plan)
+    results = []
+    with run_lock(loaded.run_dir):
+        save_run_files(loaded, plan)
+        for sp in plan:
+            stage_dir = loaded.run_dir / sp.name
+            if sp.cached:
+                meta = read_meta(stage_dir / "model") or {}
+                say(f"[{sp.name}] cached ({sp.fingerprint})", quiet)
+                results.append(StageResult(sp.name, sp.kind, True, meta.get("metrics", {})))
+                continue
+            say(f"[{sp.name}] {sp.kind} stage starting"
+                + (f" from {', '.join(sp.parents)}" if sp.parents else ""), quiet)
+            ctx = StageContext(name=sp.name, spec=sp.spec, loaded=loaded, fingerprint=sp.fingerprint,
+                               parents=sp.parents, data_paths=sp.data_paths, data_hashes=sp.data_hashes, quiet=quiet)
+            write_state(stage_dir, "running", fingerprint=sp.fingerprint)
+            try:
+                metrics = get_kind(sp.kind)(ctx).run()
+            except BaseException as exc:
+                detail = str(exc) if isinstance(exc, InstarError) else traceback.format_exc()
+                write_state(stage_dir, "failed", fingerprint=sp.fingerprint, error=detail)
+                raise
+            write_state(stage_dir, "done", fingerprint=sp.fingerprint)
+            results.append(StageResult(sp.name, sp.kind, False, metrics))
+    return results
+
+
+def load_graph(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "graph.json"
+    if not path.is_file():
+        raise InstarError(f"{run_dir}: not an instar run directory (no graph.json); give the folder "
+                          f"<output_dir>/<run name> that `instar run` wrote")
+    return json.loads(path.read_text())

@@ -1,0 +1,1 @@
+"""instar.kernels"""

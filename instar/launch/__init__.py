@@ -1,0 +1,1 @@
+"""Launching: environment detection (more executors come with the torchrun and Slurm work)."""

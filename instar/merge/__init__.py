@@ -1,0 +1,1 @@
+"""Weight-space operations on models that share a base."""

@@ -1,0 +1,1 @@
+"""Building and loading HF causal LMs, and writing stage artifacts."""

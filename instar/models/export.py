@@ -1,0 +1,60 @@
+"""Write a stage's artifact atomically: HF safetensors + config + tokenizer + instar.json.
+
+The files go into a temporary folder beside the target, which is renamed into place; the
+`DONE` marker is written last, so a folder with DONE is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+DONE = "DONE"
+META = "instar.json"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder by first renaming it away, so a crash never leaves a half-deleted one."""
+    if path.exists():
+        trash = path.with_name(f".{path.name}.trash{os.getpid()}")
+        os.replace(path, trash)
+        shutil.rmtree(trash)
+
+
+def write_artifact(model_dir: Path, model, tokenizer, meta: dict[str, Any]) -> None:
+    """Save `model` (HF PreTrainedModel) and `tokenizer` with `meta` as `model_dir`, atomically."""
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.tmp", dir=model_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / META, meta)
+        remove_tree(model_dir)
+        os.replace(tmp, model_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (model_dir / DONE).write_text("ok\n")
+
+
+def read_meta(model_dir: Path) -> dict[str, Any] | None:
+    """The artifact's instar.json if the artifact is complete (DONE present), else None."""
+    if not (model_dir / DONE).is_file():
+        return None
+    try:
+        return json.loads((model_dir / META).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,1 @@
+"""The training loop, engines, checkpoints and stage kinds."""

@@ -1,0 +1,66 @@
+"""What a stage kind is: its spec, its data format, its parents, and how it runs.
+
+Training kinds subclass `TrainingKind` and give `build_sources` (and `loss` when it is not
+next-token cross-entropy); the shared loop does the rest. Other kinds (merge) give `run`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from instar.config.schema import DataSpec, Recipe, StageSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from instar.data.packing import Example
+    from instar.trainer.context import StageContext
+
+
+class StageKind(ABC):
+    name: ClassVar[str]
+    Spec: ClassVar[type[StageSpec]] = StageSpec
+    min_parents: ClassVar[int] = 0
+    max_parents: ClassVar[int | None] = 1
+    row_format: ClassVar[str | None] = "text"  # key of instar.data.formats.ROW_FORMATS
+    needs_chat_template: ClassVar[bool] = False
+
+    def __init__(self, ctx: "StageContext"):
+        self.ctx = ctx
+
+    # --- planning (no torch) ---
+    @classmethod
+    def data_specs(cls, name: str, spec: StageSpec, recipe: Recipe) -> list[DataSpec]:
+        """The data this stage reads, in order (hashed into its fingerprint, validated up front)."""
+        return [spec.data] if spec.data is not None else []
+
+    @classmethod
+    def check(cls, name: str, spec: StageSpec, recipe: Recipe) -> list[str]:
+        """Problems with this stage's settings that the schema cannot see."""
+        if cls.row_format is not None and spec.data is None:
+            return [f"stages.{name}.data: a {cls.name} stage needs `data` (a `path` to JSONL rows or `generate`)"]
+        return []
+
+    @abstractmethod
+    def run(self) -> dict[str, Any]:
+        """Run the stage and write its artifact; returns its final metrics."""
+
+
+class TrainingKind(StageKind):
+    """A kind trained by the shared loop (`instar.trainer.loop`)."""
+
+    def run(self) -> dict[str, Any]:
+        from instar.trainer.loop import train_stage
+
+        return train_stage(self.ctx, self)
+
+    @abstractmethod
+    def build_sources(self, tokenizer, rows_per_source: list[list[dict]]) -> tuple[list[list["Example"]], list[float]]:
+        """Tokenised examples per data source (rows in `data_specs` order) and each source's weight."""
+
+    def loss(self, model, batch: dict[str, "torch.Tensor"], n_targets: int) -> tuple["torch.Tensor", dict[str, float]]:
+        """Loss of one micro-batch, already divided by the target-token count of the whole step."""
+        from instar.trainer.losses import causal_lm_loss
+
+        return causal_lm_loss(model, batch, n_targets)

@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="instar",
+    version="0.1.0",
+    description="Train a language model through a graph of stages from one YAML recipe.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["instar", "instar.*"]),
+    package_data={"instar": ["py.typed"]},
+    install_requires=[
+        # torch is pinned by constraints.txt (CPU build); never install without it on a CPU box.
+        "torch>=2.3",
+        "transformers>=5.0",
+        "tokenizers>=0.22",
+        "safetensors>=0.4",
+        "pydantic>=2.6",
+        "PyYAML>=6.0",
+        "rich>=13.0",
+    ],
+    extras_require={
+        "dev": ["pytest>=8.0"],
+        "gpu": ["triton>=3.0"],
+    },
+    entry_points={"console_scripts": ["instar=instar.cli:main"]},
+)
