@@ -24,9 +24,10 @@ def _results_table(results) -> None:
 
     from instar.console import console
 
-    table = Table(title="stages", title_justify="left")
-    for col in ("stage", "kind", "", "steps", "loss", "exact match (a+b=)", "exact match (chat)", "seconds"):
-        table.add_column(col, justify="left" if col in ("stage", "kind", "") else "right")
+    table = Table(title="stages (acc: greedy exact match on held-out problems, as `a+b=` text and as a chat turn)",
+                  title_justify="left")
+    for col in ("stage", "kind", "", "steps", "loss", "acc a+b=", "acc chat", "seconds"):
+        table.add_column(col, justify="left" if col in ("stage", "kind", "") else "right", no_wrap=True)
     for r in results:
         m = r.metrics
         seconds = m.get("train_seconds", m.get("merge_seconds"))
@@ -90,8 +91,8 @@ def cmd_status(args) -> int:
     run_dir = Path(args.run_dir)
     graph = load_graph(run_dir)
     table = Table(title=f"{run_dir}", title_justify="left")
-    for col in ("stage", "kind", "parents", "state", "steps", "loss", "exact match (a+b=)", "exact match (chat)", "note"):
-        table.add_column(col)
+    for col in ("stage", "kind", "parents", "state", "steps", "loss", "acc a+b=", "acc chat", "note"):
+        table.add_column(col, no_wrap=col != "note")
     failed = 0
     for stage in graph["stages"]:
         status, details = stage_status(run_dir / stage["name"], stage["fingerprint"])

@@ -115,16 +115,16 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
             grad_norm, applied = engine.step(lr, train.max_grad_norm, allow=math.isfinite(loss_total))
             bad_in_row = 0 if applied else bad_in_row + 1
             skipped_steps += 0 if applied else 1
-            if bad_in_row >= train.max_bad_steps:
-                raise TrainingError(f"stage '{ctx.name}': {bad_in_row} optimizer steps in a row had a non-finite "
-                                    f"loss or gradient (last at step {step + 1}); lower stages.{ctx.name}.train.lr "
-                                    f"or check the data. The last good checkpoint is kept")
             step += 1
             tokens += n_tokens
             dt = time.perf_counter() - t0
             record = {"step": step, "loss": loss_total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                       "tokens_per_s": n_tokens / dt, "skipped": not applied, **extra}
             metrics_log.write(record)
+            if bad_in_row >= train.max_bad_steps:
+                raise TrainingError(f"stage '{ctx.name}': {bad_in_row} optimizer steps in a row had a non-finite "
+                                    f"loss or gradient (last at step {step}); lower stages.{ctx.name}.train.lr "
+                                    f"or check the data. Checkpoints made so far are kept")
             if applied:
                 recent_losses = (recent_losses + [loss_total])[-train.log_every:]
             progress.update(step, {"loss": loss_total, "lr": lr, "tok/s": n_tokens / dt})
