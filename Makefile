@@ -5,13 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean bench-pipeline
 
 setup: $(STAMP)
 
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
@@ -23,3 +22,7 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# Times `make demo` in a fresh clone, a cold and a cached `instar run`; writes bench/RESULTS.md.
+bench-pipeline: $(STAMP)
+	$(BIN)/python bench/pipeline.py --make-demo

@@ -26,7 +26,7 @@ def _results_table(results) -> None:
 
     table = Table(title="stages (acc: greedy exact match on held-out problems, as `a+b=` text and as a chat turn)",
                   title_justify="left")
-    for col in ("stage", "kind", "", "steps", "loss", "acc a+b=", "acc chat", "seconds"):
+    for col in ("stage", "kind", "", "steps", "loss", "acc a+b=", "acc chat", "time s"):
         table.add_column(col, justify="left" if col in ("stage", "kind", "") else "right", no_wrap=True)
     for r in results:
         m = r.metrics
