@@ -21,7 +21,7 @@ from instar.data.packing import IGNORE, Batcher
 from instar.data.sampler import EpochSampler, MixtureSampler
 from instar.errors import DataError, TrainingError
 from instar.eval.runner import Evaluator
-from instar.models.export import write_artifact
+from instar.models.export import remove_tree, write_artifact
 from instar.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from instar.trainer.context import StageContext
 from instar.trainer.engine import build_engine
@@ -90,6 +90,8 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
         eval_log.rewind_to(step)
         say(f"[{ctx.name}] resuming from {path.name} (step {step}/{train.steps})", quiet)
     else:
+        # Checkpoints of an earlier config of this stage can never be resumed: drop them.
+        remove_tree(ckpt_root)
         metrics_log.reset()
         eval_log.reset()
         torch.manual_seed(ctx.seed)
