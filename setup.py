@@ -8,6 +8,7 @@ setup(
     packages=find_packages(include=["instar", "instar.*"]),
     package_data={"instar": ["py.typed"]},
     install_requires=[
+        "deepspeed>=0.16",  # built without ops (DS_BUILD_OPS=0); ZeRO runs on CPU with gloo
         # torch is pinned by constraints.txt (CPU build); never install without it on a CPU box.
         "torch>=2.3",
         "transformers>=5.0",

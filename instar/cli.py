@@ -74,7 +74,7 @@ def cmd_run(args) -> int:
 
     t0 = time.perf_counter()
     loaded = load_recipe(args.recipe, args.overrides)
-    results = run_recipe(loaded, quiet=args.quiet)
+    results = run_recipe(loaded, quiet=args.quiet, node_rank=args.node_rank)
     if not args.quiet:
         _results_table(results)
         say(f"run directory: {loaded.run_dir}  ({time.perf_counter() - t0:.1f} s)")
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = recipe_cmd("run", "run every stage whose artifact is missing or stale", cmd_run)
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--node-rank", type=int, default=0,
+                     help="this node's rank for stages with distributed.nnodes > 1 (node 0 owns the run state)")
     recipe_cmd("plan", "show the stages in order with fingerprints and cached/pending", cmd_plan)
     recipe_cmd("validate", "check a recipe without running anything", cmd_validate)
     status = sub.add_parser("status", help="show each stage's state and final metrics")
@@ -145,7 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after flags (`run r.yaml --quiet a.b=1`), which argparse's positional
+    # parsing does not allow: collect the leftover key=value words ourselves.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [word for word in extra if "=" not in word or word.startswith("-")]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.fn(args)
     except InstarError as exc:

@@ -75,8 +75,11 @@ class OptimizerConfig(Strict):
 class TrainConfig(Strict):
     steps: int = Field(default=100, gt=0)
     lr: float = Field(default=1e-3, gt=0)
-    micro_batch_size: int = Field(default=32, gt=0)
+    micro_batch_size: int = Field(default=32, gt=0)  # rows per rank per forward pass
     grad_accum: int = Field(default=1, gt=0)
+    # Rows per optimizer step over all ranks. When set, grad_accum is derived from it and the world
+    # size, so a stage keeps its batch (and can resume) when the number of ranks changes.
+    global_batch_size: int | None = Field(default=None, gt=0)
     seq_len: int = Field(default=128, gt=1)
     packing: bool = True
     warmup_ratio: float = Field(default=0.05, ge=0, le=1)
@@ -101,13 +104,40 @@ class EvalConfig(Strict):
 
 
 class DistributedConfig(Strict):
-    engine: Literal["single"] = "single"
+    """How a stage runs: in this process (`single`), or data-parallel on DeepSpeed ZeRO under
+    torchrun with `nproc_per_node` ranks on each of `nnodes` nodes."""
+
+    engine: Literal["single", "deepspeed"] = "single"
+    zero_stage: int = Field(default=2, ge=0, le=3)
+    nproc_per_node: int = Field(default=1, gt=0)
+    nnodes: int = Field(default=1, gt=0)
+    rdzv_endpoint: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.\[\]:-]+:\d+$")  # host:port of node 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    deepspeed_config: dict[str, Any] = {}  # merged over the generated DeepSpeed config
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DistributedConfig":
+        if self.engine == "single" and self.world_size > 1:
+            raise ValueError("engine `single` runs one process; use `engine: deepspeed` for "
+                             f"nproc_per_node x nnodes = {self.world_size} ranks")
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            raise ValueError("nnodes > 1 needs `rdzv_endpoint: host:port` (node 0's address)")
+        return self
 
 
 Precision = Literal["fp32", "bf16"]
 
-# Fields that change how a stage is observed but never what it produces; kept out of fingerprints.
-COSMETIC_TRAIN_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints")
+# Fields that change how a stage is observed or laid out on ranks, but not what it computes;
+# kept out of fingerprints. (The global batch, which topology can change, is fingerprinted
+# separately, resolved.)
+COSMETIC_TRAIN_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "grad_accum", "global_batch_size")
+TOPOLOGY_FIELDS = ("engine", "zero_stage", "nproc_per_node", "nnodes", "rdzv_endpoint", "offload_optimizer",
+                   "offload_param")
 
 
 class Defaults(Strict):

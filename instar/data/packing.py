@@ -66,18 +66,20 @@ def collate_rows(rows: list[list[Example]], pad_id: int, length: int) -> dict[st
 
 
 class Batcher:
-    """Fills micro-batches of `batch_size` rows from a sampler over one or more example lists.
+    """Fills rows from a sampler over one or more example lists; a row is a list of examples.
 
     packing=True: each row of `seq_len` tokens holds as many whole examples as fit; an example
     that does not fit waits for the next row (it is part of the saved state). packing=False:
-    one example per row, padded to the longest in the batch. Over-long examples are cut to
-    `seq_len` (their loss on the cut part is lost; the count is kept in `truncated`).
+    one example per row. Over-long examples are cut to `seq_len` (counted in `truncated`).
+
+    Every rank builds the same global stream of rows and takes its own slice (`step_rows`), so
+    the data order depends on the global batch only, never on how many ranks share it: a run
+    resumed on another world size sees exactly the rows it would have seen.
     """
 
-    def __init__(self, sources: list[list[Example]], sampler, batch_size: int, seq_len: int,
-                 packing: bool, pad_id: int):
+    def __init__(self, sources: list[list[Example]], sampler, seq_len: int, packing: bool, pad_id: int):
         self.sources, self.sampler = sources, sampler
-        self.batch_size, self.seq_len, self.packing, self.pad_id = batch_size, seq_len, packing, pad_id
+        self.seq_len, self.packing, self.pad_id = seq_len, packing, pad_id
         self.pending: tuple[int, int] | None = None
         self.truncated = 0
 
@@ -91,9 +93,9 @@ class Batcher:
             ex = Example(ex.input_ids[: self.seq_len], ex.targets[: self.seq_len - 1] + [IGNORE])
         return key, ex
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def next_rows(self, n: int) -> list[list[Example]]:
         rows: list[list[Example]] = []
-        for _ in range(self.batch_size):
+        for _ in range(n):
             key, ex = self._take()
             row, used = [ex], len(ex.input_ids)
             while self.packing:
@@ -104,8 +106,14 @@ class Batcher:
                 row.append(ex)
                 used += len(ex.input_ids)
             rows.append(row)
+        return rows
+
+    def collate(self, rows: list[list[Example]]) -> dict[str, torch.Tensor]:
         length = self.seq_len if self.packing else max(sum(len(e.input_ids) for e in r) for r in rows)
         return collate_rows(rows, self.pad_id, length)
+
+    def next_batch(self, n: int) -> dict[str, torch.Tensor]:
+        return self.collate(self.next_rows(n))
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict(), "pending": self.pending, "truncated": self.truncated}
@@ -114,3 +122,11 @@ class Batcher:
         self.sampler.load_state_dict(state["sampler"])
         self.pending = tuple(state["pending"]) if state["pending"] is not None else None
         self.truncated = int(state["truncated"])
+
+
+def count_targets(rows: list[list[Example]]) -> int:
+    return sum(sum(t != IGNORE for t in ex.targets) for row in rows for ex in row)
+
+
+def count_tokens(rows: list[list[Example]]) -> int:
+    return sum(len(ex.input_ids) for row in rows for ex in row)

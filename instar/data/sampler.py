@@ -7,7 +7,7 @@ restoring them reproduces the rest of the stream exactly.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 def _uniform(seed: int, counter: int) -> float:
@@ -23,27 +23,25 @@ def _uniform(seed: int, counter: int) -> float:
 class EpochSampler:
     """Yields indices of `n` examples in a fresh seeded permutation each epoch.
 
-    Rank r of `world` takes positions r, r+world, ... of each permutation, so ranks never
-    see the same example within an epoch.
+    Every rank draws the same stream; ranks split the rows built from it (see `Batcher`), so
+    the order never depends on the number of ranks.
     """
 
     n: int
     seed: int
-    rank: int = 0
-    world: int = 1
     epoch: int = 0
     pos: int = 0
     _perm: list[int] | None = field(default=None, repr=False, compare=False)
     _perm_epoch: int = field(default=-1, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        assert self.n >= self.world > self.rank >= 0, (self.n, self.world, self.rank)
+        assert self.n > 0
 
     def _permutation(self) -> list[int]:
         if self._perm_epoch != self.epoch:
             perm = list(range(self.n))
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(perm)
-            self._perm, self._perm_epoch = perm[self.rank :: self.world], self.epoch
+            self._perm, self._perm_epoch = perm, self.epoch
         return self._perm
 
     def next(self) -> int:
@@ -94,5 +92,3 @@ class MixtureSampler:
         for sampler, sub in zip(self.sources, state["sources"], strict=True):
             sampler.load_state_dict(sub)
 
-
-__all__ = ["EpochSampler", "MixtureSampler", "asdict"]

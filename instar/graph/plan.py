@@ -13,6 +13,7 @@ from instar.errors import DataError
 from instar.graph.dag import StageGraph
 from instar.graph.fingerprint import stage_fingerprint
 from instar.models.export import read_meta
+from instar.trainer.batch import batch_layout
 
 
 @dataclass
@@ -22,6 +23,7 @@ class StagePlan:
     parents: list[str]
     spec: StageSpec  # resolved
     fingerprint: str
+    checkpoint_key: str
     data_paths: list[Path] = field(default_factory=list)
     data_hashes: dict[str, str] = field(default_factory=dict)
     cached: bool = False
@@ -52,11 +54,15 @@ def make_plan(loaded: LoadedRecipe) -> list[StagePlan]:
         if spec.eval.exact_match is not None:
             eval_path = materialize(spec.eval.exact_match.data, base_dir, run_dir)
             eval_hashes = [_hash(eval_path, name)]
-        fp = stage_fingerprint(name, spec, recipe, [fingerprints[p] for p in spec.after],
-                               [hashes[str(p)] for p in paths] + eval_hashes)
+        parent_fps = [fingerprints[p] for p in spec.after]
+        all_hashes = [hashes[str(p)] for p in paths] + eval_hashes
+        global_batch = batch_layout(spec.train, spec.distributed.world_size, name).global_batch_size
+        fp = stage_fingerprint(name, spec, recipe, parent_fps, all_hashes, global_batch)
+        key = stage_fingerprint(name, spec, recipe, parent_fps, all_hashes, None)
         fingerprints[name] = fp
         meta = read_meta(run_dir / name / "model")
         plan.append(StagePlan(name=name, kind=spec.kind, parents=list(spec.after), spec=spec, fingerprint=fp,
+                              checkpoint_key=key,
                               data_paths=paths, data_hashes=hashes,
                               cached=meta is not None and meta.get("fingerprint") == fp))
     return plan

@@ -80,7 +80,7 @@ def _check_same_tokenizer(loaded, stage, spec, parent, parent_spec) -> None:
                             f"only fit its own vocabulary. Drop stages.{stage}.tokenizer to inherit it")
 
 
-def save_run_files(loaded: LoadedRecipe, plan: list[StagePlan]) -> None:
+def save_run_files(loaded: LoadedRecipe, plan: list[StagePlan], quiet: bool = False) -> None:
     """The fully resolved recipe and the graph (for `instar status`) in the run directory."""
     run_dir = loaded.run_dir
     resolved = {
@@ -94,20 +94,48 @@ def save_run_files(loaded: LoadedRecipe, plan: list[StagePlan]) -> None:
     os.replace(tmp, run_dir / "recipe.resolved.yaml")
     write_json_atomic(run_dir / "graph.json", {
         "recipe": str(loaded.path),
+        "overrides": loaded.overrides,
+        "quiet": quiet,
         "stages": [{"name": sp.name, "kind": sp.kind, "parents": sp.parents, "fingerprint": sp.fingerprint}
                    for sp in plan],
     })
 
 
-def run_recipe(loaded: LoadedRecipe, quiet: bool = False) -> list[StageResult]:
+def _run_stage(loaded: LoadedRecipe, sp: StagePlan, quiet: bool, node_rank: int) -> dict[str, Any]:
+    """Run one stage in this process (engine `single`) or on its ranks under torchrun."""
     from instar.trainer.context import StageContext
     from instar.trainer.kinds import get_kind
 
+    if sp.spec.distributed.engine == "deepspeed":
+        from instar.launch.torchrun import run_stage_torchrun
+
+        run_stage_torchrun(loaded.run_dir, sp.name, sp.spec.distributed, node_rank,
+                           run_id=f"{loaded.recipe.run.name}-{sp.name}-{sp.fingerprint}")
+        return (read_meta(loaded.run_dir / sp.name / "model") or {}).get("metrics", {})
+    ctx = StageContext(name=sp.name, spec=sp.spec, loaded=loaded, fingerprint=sp.fingerprint,
+                       checkpoint_key=sp.checkpoint_key, parents=sp.parents, data_paths=sp.data_paths,
+                       data_hashes=sp.data_hashes, quiet=quiet)
+    return get_kind(sp.kind)(ctx).run()
+
+
+def run_recipe(loaded: LoadedRecipe, quiet: bool = False, node_rank: int = 0) -> list[StageResult]:
+    """Run every pending stage in order. On node_rank > 0 (a multi-node stage's other nodes) only
+    the torchrun stages are joined; node 0 owns the run directory's state."""
     plan = make_plan(loaded)
     precheck(loaded, plan)
+    pending_ranked = [sp for sp in plan if not sp.cached and sp.spec.distributed.engine == "deepspeed"]
+    if pending_ranked:
+        from instar.launch.torchrun import check_topology
+
+        for sp in pending_ranked:
+            check_topology(sp.name, sp.spec.distributed, node_rank)
+    if node_rank > 0:
+        for sp in pending_ranked:
+            _run_stage(loaded, sp, quiet, node_rank)
+        return []
     results = []
     with run_lock(loaded.run_dir):
-        save_run_files(loaded, plan)
+        save_run_files(loaded, plan, quiet)
         for sp in plan:
             stage_dir = loaded.run_dir / sp.name
             if sp.cached:
@@ -117,11 +145,9 @@ def run_recipe(loaded: LoadedRecipe, quiet: bool = False) -> list[StageResult]:
                 continue
             say(f"[{sp.name}] {sp.kind} stage starting"
                 + (f" from {', '.join(sp.parents)}" if sp.parents else ""), quiet)
-            ctx = StageContext(name=sp.name, spec=sp.spec, loaded=loaded, fingerprint=sp.fingerprint,
-                               parents=sp.parents, data_paths=sp.data_paths, data_hashes=sp.data_hashes, quiet=quiet)
             write_state(stage_dir, "running", fingerprint=sp.fingerprint)
             try:
-                metrics = get_kind(sp.kind)(ctx).run()
+                metrics = _run_stage(loaded, sp, quiet, node_rank)
             except BaseException as exc:
                 detail = str(exc) if isinstance(exc, InstarError) else traceback.format_exc()
                 write_state(stage_dir, "failed", fingerprint=sp.fingerprint, error=detail)

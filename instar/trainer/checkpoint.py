@@ -1,16 +1,15 @@
-"""Resumable checkpoints: engine state + loop state (step, tokens, sampler, RNG), atomically.
+"""Resumable checkpoints: engine state + loop state (step, tokens, data position) + every rank's
+RNG states, written atomically.
 
 Layout: `<stage>/checkpoints/step-00000100/` holding the engine's files, `loop.json` and
-`rng.pt`. Each is written into a temporary folder and renamed, so a listed step is complete.
+`rng_rank<k>.pt`. Every rank writes into `.tmp-step-…`; rank 0 renames it into place once all
+ranks are done, so a listed step is always complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,47 +31,53 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(root: Path, step: int, engine, loop_state: dict[str, Any], keep: int) -> Path:
-    """Write checkpoint `step` under `root` and keep only the newest `keep` checkpoints."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
-        engine.save(tmp)
+def save_checkpoint(root: Path, step: int, engine, loop_state: dict[str, Any], keep: int) -> None:
+    """Write checkpoint `step` under `root` (every rank calls) and keep the newest `keep`."""
+    tmp = root / f".tmp-{PREFIX}{step:08d}"
+    if engine.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_tree(tmp)
+        tmp.mkdir()
+    engine.barrier()
+    engine.save(tmp)
+    torch.save(rng_state(), tmp / f"rng_rank{engine.rank}.pt")
+    engine.barrier()
+    if engine.rank == 0:
         (tmp / "loop.json").write_text(json.dumps({**loop_state, "step": step}, indent=1))
-        torch.save(rng_state(), tmp / "rng.pt")
         final = root / f"{PREFIX}{step:08d}"
         remove_tree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _, old in _step_dirs(root)[:-keep]:
-        remove_tree(old)
-    return final
+        tmp.rename(final)
+        for _, old in _step_dirs(root)[:-keep]:
+            remove_tree(old)
+    engine.barrier()
 
 
-def latest_checkpoint(root: Path, fingerprint: str) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint made for this exact stage fingerprint, with its loop state."""
+def latest_checkpoint(root: Path, key: str) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete checkpoint made for this stage's checkpoint key, with its loop state."""
     for _, path in reversed(_step_dirs(root)):
         try:
             state = json.loads((path / "loop.json").read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if state.get("fingerprint") == fingerprint:
+        if state.get("key") == key:
             return path, state
     return None
 
 
-def load_checkpoint(path: Path, engine) -> None:
-    engine.load(path)
-    # RNG states hold a python tuple (list after pickling) and a ByteTensor: both are allowed types.
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+def load_rng(path: Path, rank: int) -> None:
+    # RNG states are a ByteTensor and python ints in tuples: weights_only loading allows both.
+    set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=True))

@@ -17,6 +17,7 @@ class StageContext:
     loaded: LoadedRecipe
     fingerprint: str
     parents: list[str]
+    checkpoint_key: str = ""
     data_paths: list[Path] = field(default_factory=list)  # the kind's data sources, materialised
     data_hashes: dict[str, str] = field(default_factory=dict)
     rank: int = 0

@@ -1,7 +1,7 @@
 """The engine interface: one object that owns the model, its optimizer and its precision.
 
-The loop only talks to this interface, so the same loop runs on the single-process engine
-and (later) on DeepSpeed ZeRO.
+The loop only talks to this interface, so the same loop runs in one process and on DeepSpeed
+ZeRO across ranks.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import torch
 
 
 class Engine(ABC):
-    model: torch.nn.Module
+    name: str
+    model: torch.nn.Module  # what the loss is computed with (a DeepSpeed engine wraps the HF model)
     rank: int = 0
     world_size: int = 1
 
@@ -24,33 +25,54 @@ class Engine(ABC):
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate gradients of `loss` (already scaled for accumulation by the caller)."""
+        """Accumulate gradients of one micro-batch's share of the step's global mean loss."""
 
     @abstractmethod
-    def step(self, lr: float, max_grad_norm: float | None, allow: bool = True) -> tuple[float, bool]:
-        """Clip, and apply the accumulated gradients at `lr` unless they (or the loss, which the
-        caller reports as `allow=False`) are not finite.
+    def step(self, lr: float, allow: bool = True) -> tuple[float, bool]:
+        """Clip by the global norm and apply the accumulated gradients at `lr`, unless they are
+        not finite (or `allow` is False: the caller saw a non-finite loss).
 
-        Returns (grad_norm before clipping, applied). Gradients are zeroed either way.
+        Returns (global grad norm before clipping, applied). Gradients are cleared either way.
         """
 
     @abstractmethod
     def save(self, ckpt_dir: Path) -> None:
-        """Write the resumable state (weights and optimizer) into `ckpt_dir`."""
+        """Write the resumable state (weights and optimizer) into `ckpt_dir` (every rank calls)."""
 
     @abstractmethod
     def load(self, ckpt_dir: Path) -> None:
-        """Restore what `save` wrote."""
+        """Restore what `save` wrote on the same world size and engine."""
+
+    @staticmethod
+    @abstractmethod
+    def consolidated_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+        """Whole-model weights from a checkpoint this engine wrote, whatever its world size."""
 
     @abstractmethod
-    def export_model(self) -> torch.nn.Module:
-        """A full (unsharded) HF model holding the current weights, for `save_pretrained`."""
+    def export_model(self) -> torch.nn.Module | None:
+        """On rank 0, a whole HF model holding the current weights (for `save_pretrained` and
+        eval); None on other ranks. Every rank must call it."""
+
+    def all_reduce_sum(self, value: float) -> float:
+        return value
+
+    def barrier(self) -> None:
+        pass
 
 
-def build_engine(model: torch.nn.Module, spec) -> Engine:
+ENGINES = {"single": "instar.trainer.single_engine:SingleEngine",
+           "deepspeed": "instar.trainer.deepspeed_engine:DeepSpeedEngine"}
+
+
+def engine_class(name: str) -> type[Engine]:
+    import importlib
+
+    module, _, cls = ENGINES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_engine(model: torch.nn.Module, spec, layout, stage: str) -> Engine:
     """The engine the stage's `distributed.engine` names."""
-    from instar.trainer.single_engine import SingleEngine
-
     if spec.distributed.engine == "single":
-        return SingleEngine(model, spec.optimizer, spec.precision)
-    raise AssertionError(f"unhandled engine {spec.distributed.engine}")  # the schema admits no other
+        return engine_class("single")(model, spec)
+    return engine_class("deepspeed")(model, spec, layout, stage)

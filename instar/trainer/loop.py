@@ -1,8 +1,9 @@
-"""The one training loop every training kind runs.
+"""The one training loop every training kind runs, on one process or many ranks.
 
 The kind supplies examples and a loss; the loop does batching, accumulation, clipping, the
 learning-rate schedule, the non-finite guard, eval and checkpoint cadence, metrics, resume,
-and the artifact at the end.
+and the artifact at the end. Rank 0 alone prints, logs metrics, evaluates and writes the
+artifact; every rank takes part in the collectives (steps, checkpoints, gathering weights).
 """
 
 from __future__ import annotations
@@ -17,17 +18,19 @@ from instar import __version__
 from instar.console import StageProgress, say
 from instar.data.formats import ROW_FORMATS
 from instar.data.jsonl import read_rows
-from instar.data.packing import IGNORE, Batcher
+from instar.data.packing import Batcher, count_targets, count_tokens
 from instar.data.sampler import EpochSampler, MixtureSampler
-from instar.errors import DataError, TrainingError
+from instar.errors import ContractError, TrainingError
 from instar.eval.runner import Evaluator
 from instar.models.export import remove_tree, write_artifact
-from instar.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from instar.trainer.batch import batch_layout
+from instar.trainer.checkpoint import latest_checkpoint, load_rng, save_checkpoint
 from instar.trainer.context import StageContext
-from instar.trainer.engine import build_engine
+from instar.trainer.engine import build_engine, engine_class
 from instar.trainer.jsonl_log import JsonlLog
 from instar.trainer.schedule import lr_at
 from instar.trainer.setup import stage_model, stage_tokenizer
+from instar.trainer.single_engine import load_weights
 
 
 def artifact_meta(ctx: StageContext, final: dict[str, Any]) -> dict[str, Any]:
@@ -39,6 +42,7 @@ def artifact_meta(ctx: StageContext, final: dict[str, Any]) -> dict[str, Any]:
         "parents": ctx.parents,
         "config": ctx.spec.model_dump(mode="json"),
         "data": ctx.data_hashes,
+        "world_size": ctx.world_size,
         "instar_version": __version__,
         "metrics": final,
     }
@@ -51,78 +55,110 @@ def _read_sources(ctx: StageContext, kind) -> tuple[list[list[dict]], int]:
     for path, spec in zip(ctx.data_paths, specs, strict=True):
         rows = read_rows(path, row_model, spec.on_bad_row, spec.max_rows)
         if rows.skipped:
-            say(f"[{ctx.name}] skipped {rows.skipped} bad rows in {path} (first: {rows.first_skip})", ctx.quiet)
+            say(f"[{ctx.name}] skipped {rows.skipped} bad rows in {path} (first: {rows.first_skip})",
+                ctx.quiet or ctx.rank != 0)
         skipped += rows.skipped
         out.append(rows.rows)
     return out, skipped
 
 
+def _resume_point(ctx: StageContext, layout):
+    """The checkpoint to resume from, and whether it can be loaded exactly (same engine and world
+    size) or only as consolidated weights with a fresh optimizer."""
+    found = latest_checkpoint(ctx.stage_dir / "checkpoints", ctx.checkpoint_key)
+    if found is None:
+        return None, None, False
+    path, state = found
+    if state["global_batch_size"] != layout.global_batch_size:
+        raise ContractError(
+            f"stage '{ctx.name}' has a checkpoint at step {state['step']} made with a global batch of "
+            f"{state['global_batch_size']} rows ({state['world_size']} ranks); this run would use "
+            f"{layout.global_batch_size}. Set stages.{ctx.name}.train.global_batch_size="
+            f"{state['global_batch_size']} to resume on {ctx.world_size} rank(s) with accumulation adjusted, "
+            f"or delete {path.parent} to start the stage over")
+    same = (state["engine"], state["world_size"], state.get("zero_stage")) == (
+        ctx.spec.distributed.engine, ctx.world_size, ctx.spec.distributed.zero_stage)
+    return path, state, same
+
+
 def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
-    spec, train, quiet = ctx.spec, ctx.spec.train, ctx.quiet
+    spec, train = ctx.spec, ctx.spec.train
+    main = ctx.rank == 0
+    quiet = ctx.quiet or not main
+    layout = batch_layout(train, ctx.world_size, ctx.name)
     tokenizer = stage_tokenizer(ctx, kind.needs_chat_template)
     model = stage_model(ctx, tokenizer)
     rows, skipped_rows = _read_sources(ctx, kind)
     sources, weights = kind.build_sources(tokenizer, rows)
-    for i, source in enumerate(sources):
-        if len(source) < ctx.world_size:
-            raise DataError(f"stage '{ctx.name}': data source {i} has {len(source)} examples, fewer than "
-                            f"the {ctx.world_size} ranks")
-    samplers = [EpochSampler(len(s), seed=ctx.seed + i, rank=ctx.rank, world=ctx.world_size)
-                for i, s in enumerate(sources)]
-    batcher = Batcher(sources, MixtureSampler(samplers, weights, seed=ctx.seed), train.micro_batch_size,
-                      train.seq_len, train.packing, tokenizer.pad_token_id)
-    engine = build_engine(model, spec)
-    model.train()
+    samplers = [EpochSampler(len(s), seed=ctx.seed + i) for i, s in enumerate(sources)]
+    batcher = Batcher(sources, MixtureSampler(samplers, weights, seed=ctx.seed), train.seq_len, train.packing,
+                      tokenizer.pad_token_id)
+    ckpt_root = ctx.stage_dir / "checkpoints"
+    resume_path, resume_state, exact = _resume_point(ctx, layout)
+    if resume_path is not None and not exact:
+        # Another world size or engine: DeepSpeed's partitions do not fit, so consolidate the
+        # weights and restart Adam's moments. The data stream and schedule continue exactly (they
+        # depend on the global batch only), so the loss picks up where it was.
+        load_weights(model, engine_class(resume_state["engine"]).consolidated_weights(resume_path))
+    engine = build_engine(model, spec, layout, ctx.name)
+    engine.model.train()
     evaluator = Evaluator(ctx, tokenizer)
     metrics_log = JsonlLog(ctx.stage_dir / "metrics.jsonl")
     eval_log = JsonlLog(ctx.stage_dir / "eval.jsonl")
-    ckpt_root = ctx.stage_dir / "checkpoints"
 
     step, tokens, bad_in_row, skipped_steps = 0, 0, 0, 0
-    resume = latest_checkpoint(ckpt_root, ctx.fingerprint)
-    if resume is not None:
-        path, state = resume
-        load_checkpoint(path, engine)
-        batcher.load_state_dict(state["batcher"])
-        step, tokens = state["step"], state["tokens"]
-        bad_in_row, skipped_steps = state["bad_in_row"], state["skipped_steps"]
-        metrics_log.rewind_to(step)
-        eval_log.rewind_to(step)
-        say(f"[{ctx.name}] resuming from {path.name} (step {step}/{train.steps})", quiet)
+    if resume_path is not None:
+        if exact:
+            engine.load(resume_path)
+            load_rng(resume_path, ctx.rank)
+        batcher.load_state_dict(resume_state["batcher"])
+        step, tokens = resume_state["step"], resume_state["tokens"]
+        bad_in_row, skipped_steps = resume_state["bad_in_row"], resume_state["skipped_steps"]
+        if main:
+            metrics_log.rewind_to(step)
+            eval_log.rewind_to(step)
+        how = "" if exact else (f" on {ctx.world_size} rank(s) instead of {resume_state['world_size']}: "
+                                f"weights consolidated, optimizer moments restarted")
+        say(f"[{ctx.name}] resuming from {resume_path.name} (step {step}/{train.steps}){how}", quiet)
     else:
-        # Checkpoints of an earlier config of this stage can never be resumed: drop them.
-        remove_tree(ckpt_root)
-        metrics_log.reset()
-        eval_log.reset()
+        if main:  # checkpoints of an earlier config of this stage can never be resumed
+            remove_tree(ckpt_root)
+            metrics_log.reset()
+            eval_log.reset()
         torch.manual_seed(ctx.seed)
+    engine.barrier()
 
+    per_rank = layout.micro_batch_size * layout.grad_accum
     progress = StageProgress(ctx.name, train.steps, start=step, every=train.log_every, quiet=quiet)
     recent_losses: list[float] = []
     t_start = time.perf_counter()
     try:
         while step < train.steps:
             t0 = time.perf_counter()
-            micro = [batcher.next_batch() for _ in range(train.grad_accum)]
-            n_targets = max(1, sum(int((b["targets"] != IGNORE).sum()) for b in micro))
-            n_tokens = sum(int((b["doc_ids"] >= 0).sum()) for b in micro)
+            rows_all = batcher.next_rows(layout.global_batch_size)
+            n_targets = max(1, count_targets(rows_all))
+            n_tokens = count_tokens(rows_all)
+            mine = rows_all[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
             lr = lr_at(step, train.steps, train.lr, train.warmup_ratio, train.min_lr_ratio)
-            loss_total, extra = 0.0, {}
-            for batch in micro:
+            loss_sum, extra = 0.0, {}
+            for i in range(layout.grad_accum):
+                batch = batcher.collate(mine[i * layout.micro_batch_size:(i + 1) * layout.micro_batch_size])
                 with engine.autocast():
                     loss, m = kind.loss(engine.model, batch, n_targets)
                 engine.backward(loss)
-                loss_total += float(loss.detach())
+                loss_sum += float(loss.detach())
                 for key, value in m.items():
-                    extra[key] = extra.get(key, 0.0) + value / len(micro)
-            grad_norm, applied = engine.step(lr, train.max_grad_norm, allow=math.isfinite(loss_total))
+                    extra[key] = extra.get(key, 0.0) + value / layout.grad_accum
+            loss_total = engine.all_reduce_sum(loss_sum)
+            grad_norm, applied = engine.step(lr, allow=math.isfinite(loss_total))
             bad_in_row = 0 if applied else bad_in_row + 1
             skipped_steps += 0 if applied else 1
             step += 1
             tokens += n_tokens
             dt = time.perf_counter() - t0
-            record = {"step": step, "loss": loss_total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                      "tokens_per_s": n_tokens / dt, "skipped": not applied, **extra}
-            metrics_log.write(record)
+            if main:
+                metrics_log.write({"step": step, "loss": loss_total, "lr": lr, "grad_norm": grad_norm,
+                                   "tokens": tokens, "tokens_per_s": n_tokens / dt, "skipped": not applied, **extra})
             if bad_in_row >= train.max_bad_steps:
                 raise TrainingError(f"stage '{ctx.name}': {bad_in_row} optimizer steps in a row had a non-finite "
                                     f"loss or gradient (last at step {step}); lower stages.{ctx.name}.train.lr "
@@ -131,27 +167,37 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
                 recent_losses = (recent_losses + [loss_total])[-train.log_every:]
             progress.update(step, {"loss": loss_total, "lr": lr, "tok/s": n_tokens / dt})
             if spec.eval.every and step % spec.eval.every == 0 and step < train.steps and evaluator.enabled:
-                eval_log.write(evaluator(engine.model, step))
+                full = engine.export_model()
+                if main:
+                    eval_log.write(evaluator(full, step))
+                engine.barrier()
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
-                save_checkpoint(ckpt_root, step, engine,
-                                {"fingerprint": ctx.fingerprint, "batcher": batcher.state_dict(), "tokens": tokens,
-                                 "bad_in_row": bad_in_row, "skipped_steps": skipped_steps},
-                                keep=train.keep_checkpoints)
+                save_checkpoint(ckpt_root, step, engine, {
+                    "key": ctx.checkpoint_key, "batcher": batcher.state_dict(), "tokens": tokens,
+                    "bad_in_row": bad_in_row, "skipped_steps": skipped_steps,
+                    "global_batch_size": layout.global_batch_size, "world_size": ctx.world_size,
+                    "engine": engine.name, "zero_stage": spec.distributed.zero_stage,
+                }, keep=train.keep_checkpoints)
     finally:
         progress.close()
 
-    final_eval = evaluator(engine.model, step) if evaluator.enabled else {}
-    if final_eval:
-        eval_log.write(final_eval)
-    final = {
-        "steps": step,
-        "tokens": tokens,
-        "loss": sum(recent_losses) / len(recent_losses) if recent_losses else float("nan"),
-        "skipped_steps": skipped_steps,
-        "skipped_rows": skipped_rows,
-        "truncated_examples": batcher.truncated,
-        "train_seconds": round(time.perf_counter() - t_start, 2),
-        **{k: v for k, v in final_eval.items() if k.startswith("exact_match/")},
-    }
-    write_artifact(ctx.model_dir, engine.export_model(), tokenizer, artifact_meta(ctx, final))
+    full = engine.export_model()
+    final: dict[str, Any] = {}
+    if main:
+        final_eval = evaluator(full, step) if evaluator.enabled else {}
+        if final_eval:
+            eval_log.write(final_eval)
+        final = {
+            "steps": step,
+            "tokens": tokens,
+            "loss": sum(recent_losses) / len(recent_losses) if recent_losses else float("nan"),
+            "skipped_steps": skipped_steps,
+            "skipped_rows": skipped_rows,
+            "truncated_examples": batcher.truncated,
+            "global_batch_size": layout.global_batch_size,
+            "train_seconds": round(time.perf_counter() - t_start, 2),
+            **{k: v for k, v in final_eval.items() if k.startswith("exact_match/")},
+        }
+        write_artifact(ctx.model_dir, full, tokenizer, artifact_meta(ctx, final))
+    engine.barrier()
     return final

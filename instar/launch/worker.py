@@ -1,0 +1,86 @@
+"""Per-rank entry point: `python -m instar.launch.worker RUN_DIR STAGE` (started by torchrun).
+
+Each rank logs to `<stage>/logs/rank<k>.log`; rank 0 also prints to the console. The stage is
+re-planned from the recipe recorded in `RUN_DIR/graph.json` and must have the fingerprint
+recorded there (the parent `instar run` planned it a moment ago).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+
+class _Tee:
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+            stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+    def isatty(self) -> bool:
+        return self.streams[0].isatty()
+
+    def fileno(self) -> int:
+        return self.streams[0].fileno()
+
+
+def _log_to_file(log_dir: Path, rank: int) -> None:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(log_dir / f"rank{rank}.log", "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
+    if rank == 0:
+        sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
+    else:  # everything, C-level output included, goes to this rank's file only
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+
+
+def run(run_dir: Path, stage: str) -> int:
+    from instar.config.load import load_recipe
+    from instar.console import say
+    from instar.errors import ContractError, InstarError
+    from instar.graph.plan import make_plan
+    from instar.launch.env import detect
+    from instar.trainer.context import StageContext
+    from instar.trainer.kinds import get_kind
+
+    env = detect()
+    _log_to_file(run_dir / stage / "logs", env.rank)
+    print(f"[{stage}] rank {env.rank}/{env.world_size} pid {os.getpid()} host {os.uname().nodename}",
+          file=sys.stderr if env.rank == 0 else sys.stdout, flush=True)
+    try:
+        graph = json.loads((run_dir / "graph.json").read_text())
+        if env.rank == 0:
+            say(f"[{stage}] launcher: {env.launcher}, {env.world_size} rank(s)", graph.get("quiet", False))
+        plan = {sp.name: sp for sp in make_plan(load_recipe(graph["recipe"], graph["overrides"]))}
+        recorded = {s["name"]: s["fingerprint"] for s in graph["stages"]}
+        sp = plan[stage]
+        if sp.fingerprint != recorded.get(stage):
+            raise ContractError(f"stage '{stage}': the recipe changed after `instar run` planned it "
+                                f"({recorded.get(stage)} -> {sp.fingerprint}); run `instar run` again")
+        ctx = StageContext(name=sp.name, spec=sp.spec, loaded=load_recipe(graph["recipe"], graph["overrides"]),
+                           fingerprint=sp.fingerprint, checkpoint_key=sp.checkpoint_key, parents=sp.parents,
+                           data_paths=sp.data_paths, data_hashes=sp.data_hashes, rank=env.rank,
+                           world_size=env.world_size, quiet=graph.get("quiet", False))
+        get_kind(sp.kind)(ctx).run()
+        return 0
+    except InstarError as exc:
+        print(f"error (rank {env.rank}): {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BaseException:
+        print(f"rank {env.rank} failed:\n{traceback.format_exc()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(run(Path(sys.argv[1]), sys.argv[2]))

@@ -1,0 +1,121 @@
+"""DeepSpeed ZeRO 0-3 engine, data-parallel over the ranks torchrun started.
+
+The loop hands `backward` each micro-batch's share of the step's global mean loss (summed
+target losses / all target tokens of the step). DeepSpeed averages gradients over ranks and
+divides by accumulation steps; `backward` undoes both so that the update is exactly the one a
+single process would compute on the whole global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from instar.trainer.batch import BatchLayout
+from instar.trainer.deepspeed_config import deepspeed_config
+from instar.trainer.engine import Engine
+from instar.trainer.optim import GuardedAdamW, param_groups
+
+TAG = "state"  # one DeepSpeed tag per instar checkpoint folder
+
+
+def init_distributed() -> None:
+    """Join the process group torchrun set up: gloo on CPU, NCCL on GPU."""
+    import deepspeed
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, model: torch.nn.Module, spec, layout: BatchLayout, stage: str):
+        import deepspeed
+
+        init_distributed()
+        self.zero_stage = spec.distributed.zero_stage
+        self.layout = layout
+        self.config = deepspeed_config(spec, layout, stage)
+        groups = param_groups(model, spec.optimizer.weight_decay)
+        if self.zero_stage == 0:
+            optimizer = GuardedAdamW(groups, spec.optimizer, spec.train.max_grad_norm)
+        else:  # ZeRO 1-3 clip and skip non-finite steps themselves, on their own partitions
+            optimizer = torch.optim.AdamW(groups, lr=0.0, betas=spec.optimizer.betas, eps=spec.optimizer.eps)
+        self._client_optimizer = optimizer
+        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        self.model = self.ds
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._micro = 0
+        assert self.world_size == layout.world_size, (self.world_size, layout.world_size)
+
+    def autocast(self):
+        return contextlib.nullcontext()  # DeepSpeed casts the module itself for bf16
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed averages gradients over ranks: scale by world size so they sum instead.
+        self.ds.backward(loss * self.world_size, scale_wrt_gas=False)
+        self._micro += 1
+        if self._micro < self.layout.grad_accum:
+            self.ds.step()  # DeepSpeed's protocol: a step per micro-batch, a no-op off the boundary
+
+    def step(self, lr: float, allow: bool = True) -> tuple[float, bool]:
+        assert self._micro == self.layout.grad_accum, (self._micro, self.layout.grad_accum)
+        self._micro = 0
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+        if self.zero_stage == 0:
+            self._client_optimizer.skip_next = not allow
+        self.ds.step()
+        if self.zero_stage == 0:
+            return self._client_optimizer.last_grad_norm, self._client_optimizer.last_applied
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan"), bool(self.ds.was_step_applied())
+
+    def all_reduce_sum(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def save(self, ckpt_dir: Path) -> None:
+        self.ds.save_checkpoint(str(ckpt_dir), tag=TAG, save_latest=False)
+
+    def load(self, ckpt_dir: Path) -> None:
+        path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+        assert path is not None, f"DeepSpeed found no checkpoint in {ckpt_dir}"
+
+    @staticmethod
+    def consolidated_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+        """Full fp32 weights from a checkpoint of any world size (for resuming on another one)."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        model_states = ckpt_dir / TAG / "mp_rank_00_model_states.pt"
+        if not list((ckpt_dir / TAG).glob("*optim_states.pt")):  # ZeRO-0 keeps whole weights
+            return torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=TAG)
+
+    def export_model(self) -> torch.nn.Module | None:
+        """On rank 0, the whole model (ZeRO-3 shards gathered from every rank); None elsewhere.
+        Every rank must call it."""
+        module = self.ds.module
+        if self.zero_stage < 3:
+            return module if self.rank == 0 else None
+        state = self.ds._zero3_consolidated_16bit_state_dict()
+        if self.rank != 0:
+            return None
+        full = type(module)(module.config)
+        full.load_state_dict(state, strict=False)
+        if getattr(module.config, "tie_word_embeddings", False):
+            full.tie_weights()
+        return full.to(torch.float32) if module.dtype != torch.bfloat16 else full

@@ -1,0 +1,212 @@
+"""DeepSpeed ZeRO 0-3 on 2 CPU ranks under torchrun: same numbers as one process, exact resume
+after a rank is killed, restart on another world size, two nodes, and clear failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import tiny_recipe, write_recipe
+
+pytestmark = pytest.mark.dist
+
+
+def _recipe(steps: int = 8, **train) -> dict:
+    recipe = tiny_recipe()
+    recipe["stages"] = {"pretrain": recipe["stages"]["pretrain"], "sft": recipe["stages"]["sft"]}
+    recipe["stages"]["sft"]["after"] = ["pretrain"]
+    recipe["stages"]["pretrain"]["train"] = {"steps": steps, **train}
+    recipe["stages"]["sft"]["train"] = {"steps": 3}
+    recipe["defaults"]["eval"] = {}
+    recipe["defaults"]["train"]["micro_batch_size"] = 4
+    recipe["defaults"]["distributed"] = {"engine": "deepspeed", "zero_stage": 2, "nproc_per_node": 2}
+    return recipe
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "instar.cli", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _run(args: list[str], cwd: Path, code: int = 0) -> str:
+    proc = _cli(args, cwd)
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == code, out
+    return out
+
+
+def _losses(run_dir: Path, stage: str = "pretrain") -> list[float]:
+    return [json.loads(x)["loss"] for x in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run_dir: Path, stage: str) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / stage / "model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def single_reference(tmp_path_factory):
+    """The same stages in one process with the same global batch (8 rows)."""
+    folder = tmp_path_factory.mktemp("single")
+    path = write_recipe(folder, _recipe())
+    _run(["run", str(path), "--quiet", "defaults.distributed.engine=single", "defaults.distributed.nproc_per_node=1",
+          "defaults.train.micro_batch_size=8"], folder)
+    return folder / "runs" / "t"
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_zero_on_two_ranks_computes_what_one_process_does(tmp_path: Path, single_reference: Path, zero: int):
+    path = write_recipe(tmp_path, _recipe())
+    out = _run(["run", str(path), f"defaults.distributed.zero_stage={zero}"], tmp_path)
+    assert "launcher: torchrun, 2 rank(s)" in out
+    run_dir = tmp_path / "runs" / "t"
+    assert _losses(run_dir) == pytest.approx(_losses(single_reference), rel=1e-5)
+    for stage in ("pretrain", "sft"):  # sft loaded pretrain's export: ZeRO-3 shards gathered into HF files
+        want, got = _weights(single_reference, stage), _weights(run_dir, stage)
+        assert want.keys() == got.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=2e-5, rtol=1e-4)
+    AutoModelForCausalLM.from_pretrained(run_dir / "sft" / "model")
+    assert (run_dir / "pretrain" / "logs" / "rank1.log").is_file()
+
+
+def _kill_rank_after_checkpoint(args: list[str], cwd: Path, ckpt: Path, rank: int = 1) -> str:
+    proc = _cli(args, cwd)
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ckpt.exists(), proc.communicate()[0]
+    log = ckpt.parent.parent / "logs" / f"rank{rank}.log"
+    pid = int(re.search(rf"rank {rank}/\d+ pid (\d+)", log.read_text()).group(1))
+    os.kill(pid, signal.SIGKILL)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2, out
+    return out
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_killed_rank_fails_promptly_and_resume_is_exact(tmp_path: Path, zero: int):
+    path = write_recipe(tmp_path, _recipe(steps=40, checkpoint_every=10))
+    zero_arg = f"defaults.distributed.zero_stage={zero}"
+    _run(["run", str(path), "--quiet", zero_arg, "run.name=reference"], tmp_path)
+
+    ckpt = tmp_path / "runs" / "killed" / "pretrain" / "checkpoints" / "step-00000010"
+    t0 = time.time()
+    out = _kill_rank_after_checkpoint(["run", str(path), zero_arg, "run.name=killed"], tmp_path, ckpt)
+    assert time.time() - t0 < 120
+    assert "stage 'pretrain' failed: rank 1 was killed by signal 9 (SIGKILL)" in out
+    assert "rank1.log" in out
+    assert not (tmp_path / "runs" / "killed" / "pretrain" / "model").exists()
+
+    out = _run(["run", str(path), zero_arg, "run.name=killed"], tmp_path)
+    assert "resuming from step-" in out
+    ref, got = tmp_path / "runs" / "reference", tmp_path / "runs" / "killed"
+    assert _losses(got) == _losses(ref)
+    for stage in ("pretrain", "sft"):
+        want, have = _weights(ref, stage), _weights(got, stage)
+        for key in want:
+            assert torch.equal(want[key], have[key]), (stage, key)
+
+
+def test_resume_on_another_world_size_keeps_the_global_batch(tmp_path: Path):
+    path = write_recipe(tmp_path, _recipe(steps=30, checkpoint_every=10, global_batch_size=8))
+    _run(["run", str(path), "--quiet", "run.name=reference"], tmp_path)
+    ckpt = tmp_path / "runs" / "moved" / "pretrain" / "checkpoints" / "step-00000010"
+    _kill_rank_after_checkpoint(["run", str(path), "run.name=moved"], tmp_path, ckpt)
+
+    # 2 ranks -> 1 rank: accumulation doubles, the global batch stays 8 rows
+    out = _run(["run", str(path), "run.name=moved", "defaults.distributed.nproc_per_node=1"], tmp_path)
+    assert "on 1 rank(s) instead of 2" in out
+    ref, moved = _losses(tmp_path / "runs" / "reference"), _losses(tmp_path / "runs" / "moved")
+    assert len(moved) == 30 and moved[:10] == ref[:10]
+    # Adam's moments restart, the data and schedule do not: the loss goes on from where it was.
+    assert moved[10] == pytest.approx(ref[10], rel=0.05)
+    assert abs(sum(moved[20:]) - sum(ref[20:])) / sum(ref[20:]) < 0.05
+
+    # without a fixed global batch, another world size is refused rather than silently changing it
+    path2 = write_recipe(tmp_path, _recipe(steps=30, checkpoint_every=10), "nofix.yaml")
+    ckpt = tmp_path / "runs" / "nofix" / "pretrain" / "checkpoints" / "step-00000010"
+    _kill_rank_after_checkpoint(["run", str(path2), "run.name=nofix"], tmp_path, ckpt)
+    out = _run(["run", str(path2), "run.name=nofix", "defaults.distributed.nproc_per_node=1"], tmp_path, code=2)
+    assert "global batch of 8 rows (2 ranks); this run would use 4" in out
+    assert "stages.pretrain.train.global_batch_size=8" in out
+
+
+def test_one_rank_to_two(tmp_path: Path):
+    path = write_recipe(tmp_path, _recipe(steps=20, checkpoint_every=10, global_batch_size=8))
+    single = ["defaults.distributed.engine=single", "defaults.distributed.nproc_per_node=1"]
+    proc = _cli(["run", str(path), "run.name=grow", *single], tmp_path)
+    ckpt = tmp_path / "runs" / "grow" / "pretrain" / "checkpoints" / "step-00000010"
+    while not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    out = _run(["run", str(path), "run.name=grow"], tmp_path)
+    assert "on 2 rank(s) instead of 1" in out
+    assert len(_losses(tmp_path / "runs" / "grow")) == 20
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_on_one_machine(tmp_path: Path, single_reference: Path):
+    path = write_recipe(tmp_path, _recipe())
+    args = ["run", str(path), "--quiet", "defaults.distributed.nproc_per_node=1", "defaults.distributed.nnodes=2",
+            f"defaults.distributed.rdzv_endpoint=localhost:{_free_port()}"]
+    node0 = _cli([*args, "--node-rank", "0"], tmp_path)
+    time.sleep(1.0)
+    node1 = _cli([*args, "--node-rank", "1"], tmp_path)
+    out0, out1 = node0.communicate(timeout=600)[0], node1.communicate(timeout=600)[0]
+    assert node0.returncode == 0 and node1.returncode == 0, out0 + out1
+    run_dir = tmp_path / "runs" / "t"
+    assert _losses(run_dir) == pytest.approx(_losses(single_reference), rel=1e-5)
+    for key, value in _weights(single_reference, "sft").items():
+        torch.testing.assert_close(_weights(run_dir, "sft")[key], value, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("defaults.distributed.nproc_per_node=64", "nproc_per_node=64 but this machine has"),
+    ("defaults.train.global_batch_size=10", "global_batch_size=10 is not divisible by micro_batch_size 4 x 2 ranks"),
+    ("defaults.distributed.zero_stage=4", "defaults.distributed.zero_stage: Input should be less than or equal to 3"),
+    ("defaults.distributed.deepspeed_config={gradient_clip: 1}", "gradient_clip: not a DeepSpeed config key; did you mean 'gradient_clipping'?"),
+    ("defaults.distributed.deepspeed_config={train_micro_batch_size_per_gpu: 2}", "train_micro_batch_size_per_gpu=2 contradicts the recipe, which gives 4"),
+])
+def test_bad_distributed_settings(tmp_path: Path, override: str, needle: str):
+    path = write_recipe(tmp_path, _recipe())
+    out = _run(["run", str(path), override], tmp_path, code=2)
+    assert needle in out and "Traceback" not in out
+    assert not (tmp_path / "runs" / "t" / "pretrain" / "model").exists()
+
+
+def test_port_in_use(tmp_path: Path):
+    path = write_recipe(tmp_path, _recipe())
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        out = _run(["run", str(path), "defaults.distributed.nnodes=2", "defaults.distributed.nproc_per_node=1",
+                    f"defaults.distributed.rdzv_endpoint=localhost:{port}"], tmp_path, code=2)
+    assert f"port {port} is not free" in out
+
+
+def test_a_rank_that_raises_is_named_with_its_log(tmp_path: Path):
+    path = write_recipe(tmp_path, _recipe(steps=20, lr=1e12, warmup_ratio=0, max_bad_steps=2))
+    out = _run(["run", str(path)], tmp_path, code=2)
+    assert re.search(r"stage 'pretrain' failed: rank [01] exited with code 2\. Its log: .*rank[01]\.log", out)
+    assert "non-finite loss or gradient" in out
+    assert not (tmp_path / "runs" / "t" / "pretrain" / "model").exists()
