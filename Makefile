@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean bench-pipeline
+.PHONY: demo test setup clean system-deps bench-pipeline bench-zero
 
 setup: $(STAMP)
 
@@ -17,8 +17,15 @@ $(STAMP): setup.py constraints.txt
 demo: $(STAMP)
 	$(BIN)/instar run recipes/tiny/pipeline.yaml
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q tests
+
+# Debian packages some tests use (Chromium renders `instar report` pages). Installed when this
+# runs as root with apt-get (CI, containers); elsewhere those tests skip and say why.
+system-deps:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  chromium >/dev/null; } || echo "note: chromium not installed; the report rendering test will skip"
 
 clean:
 	rm -rf $(VENV) runs

@@ -17,6 +17,7 @@ setup(
         "pydantic>=2.6",
         "PyYAML>=6.0",
         "rich>=13.0",
+        "matplotlib>=3.8",  # `instar report` plots (Agg backend, no display needed)
     ],
     extras_require={
         "dev": ["pytest>=8.0"],

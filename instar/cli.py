@@ -1,4 +1,4 @@
-"""`instar run | plan | validate | status | data` — the command line."""
+"""`instar run | plan | validate | status | report | data` — the command line."""
 
 from __future__ import annotations
 
@@ -108,6 +108,13 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from instar.report import write_report
+
+    print(write_report(Path(args.run_dir), args.out))
+    return 0
+
+
 def cmd_data_arithmetic(args) -> int:
     from instar.data.arithmetic import write_arithmetic
 
@@ -137,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show each stage's state and final metrics")
     status.add_argument("run_dir")
     status.set_defaults(fn=cmd_status)
+    report = sub.add_parser("report", help="write report.html: stage graph, training curves, eval accuracy, "
+                                           "final metrics")
+    report.add_argument("run_dir")
+    report.add_argument("--out", help="where to write the page (default: RUN_DIR/report.html)")
+    report.set_defaults(fn=cmd_report)
     data = sub.add_parser("data", help="data tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     arith = data_sub.add_parser("arithmetic", help="write the built-in arithmetic-world data as JSONL")

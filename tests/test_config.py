@@ -93,3 +93,15 @@ def test_every_recipe_in_the_repo_validates():
         loaded = load_recipe(path)
         assert loaded.recipe.stages, path
         yaml.safe_dump(loaded.recipe.model_dump(mode="json"))  # serialisable, subclasses included
+
+
+def test_zero3_recipe_is_the_tiny_pipeline_on_two_ranks():
+    root = Path(__file__).parent.parent / "recipes" / "tiny"
+    base = load_recipe(root / "pipeline.yaml").recipe
+    zero3 = load_recipe(root / "pipeline-zero3.yaml").recipe
+    assert zero3.defaults.distributed.zero_stage == 3 and zero3.defaults.distributed.world_size == 2
+    for name in base.stages:
+        a, b = resolve_stage(base, name), resolve_stage(zero3, name)
+        assert a.train.micro_batch_size * a.train.grad_accum == b.train.micro_batch_size * b.train.grad_accum * 2
+        assert a.model_dump(exclude={"distributed", "train"}) == b.model_dump(exclude={"distributed", "train"})
+        assert a.train.model_dump(exclude={"micro_batch_size"}) == b.train.model_dump(exclude={"micro_batch_size"})

@@ -210,3 +210,11 @@ def test_a_rank_that_raises_is_named_with_its_log(tmp_path: Path):
     assert re.search(r"stage 'pretrain' failed: rank [01] exited with code 2\. Its log: .*rank[01]\.log", out)
     assert "non-finite loss or gradient" in out
     assert not (tmp_path / "runs" / "t" / "pretrain" / "model").exists()
+
+
+def test_bf16_on_zero2(tmp_path: Path, single_reference: Path):
+    path = write_recipe(tmp_path, _recipe(steps=4))
+    _run(["run", str(path), "--quiet", "defaults.precision=bf16"], tmp_path)
+    losses = _losses(tmp_path / "runs" / "t")
+    assert losses[0] == pytest.approx(_losses(single_reference)[0], rel=2e-2)  # bf16 forward, same data
+    assert all(torch.isfinite(t).all() for t in _weights(tmp_path / "runs" / "t", "sft").values())

@@ -128,7 +128,7 @@ def run_recipe(loaded: LoadedRecipe, quiet: bool = False, node_rank: int = 0) ->
         from instar.launch.torchrun import check_topology
 
         for sp in pending_ranked:
-            check_topology(sp.name, sp.spec.distributed, node_rank)
+            check_topology(sp.name, sp.spec, node_rank)
     if node_rank > 0:
         for sp in pending_ranked:
             _run_stage(loaded, sp, quiet, node_rank)

@@ -33,9 +33,15 @@ def torchrun_command(run_dir: Path, stage: str, dist: DistributedConfig, node_ra
     return cmd + ["--max_restarts", "0", "-m", "instar.launch.worker", str(run_dir), stage]
 
 
-def check_topology(stage: str, dist: DistributedConfig, node_rank: int) -> None:
-    """Refuse, before launching, what cannot work on this machine."""
+def check_topology(stage: str, spec, node_rank: int) -> None:
+    """Refuse, before launching, what cannot work on this machine or config."""
     import torch
+
+    from instar.trainer.batch import batch_layout
+    from instar.trainer.deepspeed_config import deepspeed_config
+
+    dist = spec.distributed
+    deepspeed_config(spec, batch_layout(spec.train, dist.world_size, stage), stage)
 
     devices = torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
     kind = "GPUs" if torch.cuda.is_available() else "CPU cores"
@@ -95,9 +101,21 @@ def run_stage_torchrun(run_dir: Path, stage: str, dist: DistributedConfig, node_
     tail: collections.deque[str] = collections.deque(maxlen=200)
 
     def pump() -> None:
+        # Echo the ranks' stderr, but not torchrun's own traceback and failure box: StageFailed
+        # says the same in one line (the box stays in `tail` to be parsed).
+        held, echo = None, True
         for line in proc.stderr:
             tail.append(line)
-            sys.stderr.write(line)
+            if held is not None:
+                if "torchrun" in line or "torch/distributed/run.py" in line:
+                    echo = False
+                elif echo:
+                    sys.stderr.write(held + line)
+                held = None
+            elif line.startswith("Traceback (most recent call last)"):
+                held = line
+            elif echo:
+                sys.stderr.write(line)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()

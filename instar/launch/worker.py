@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 
@@ -35,9 +36,10 @@ class _Tee:
         return self.streams[0].fileno()
 
 
-def _log_to_file(log_dir: Path, rank: int) -> None:
+def _log_to_file(log_dir: Path, rank: int, header: str) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     log = open(log_dir / f"rank{rank}.log", "a", buffering=1)  # noqa: SIM115 (lives as long as the process)
+    log.write(header + "\n")
     if rank == 0:
         sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
     else:  # everything, C-level output included, goes to this rank's file only
@@ -54,10 +56,11 @@ def run(run_dir: Path, stage: str) -> int:
     from instar.trainer.context import StageContext
     from instar.trainer.kinds import get_kind
 
+    # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per step.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     env = detect()
-    _log_to_file(run_dir / stage / "logs", env.rank)
-    print(f"[{stage}] rank {env.rank}/{env.world_size} pid {os.getpid()} host {os.uname().nodename}",
-          file=sys.stderr if env.rank == 0 else sys.stdout, flush=True)
+    _log_to_file(run_dir / stage / "logs", env.rank,
+                 f"[{stage}] rank {env.rank}/{env.world_size} pid {os.getpid()} host {os.uname().nodename}")
     try:
         graph = json.loads((run_dir / "graph.json").read_text())
         if env.rank == 0:

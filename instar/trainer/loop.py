@@ -33,6 +33,15 @@ from instar.trainer.setup import stage_model, stage_tokenizer
 from instar.trainer.single_engine import load_weights
 
 
+def peak_memory_mb() -> float:
+    """Peak memory of this process: GPU memory allocated on CUDA, else resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def artifact_meta(ctx: StageContext, final: dict[str, Any]) -> dict[str, Any]:
     """The `instar.json` of a stage artifact."""
     return {
@@ -135,14 +144,18 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
     try:
         while step < train.steps:
             t0 = time.perf_counter()
+            data_s = 0.0
             rows_all = batcher.next_rows(layout.global_batch_size)
             n_targets = max(1, count_targets(rows_all))
             n_tokens = count_tokens(rows_all)
             mine = rows_all[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
             lr = lr_at(step, train.steps, train.lr, train.warmup_ratio, train.min_lr_ratio)
             loss_sum, extra = 0.0, {}
+            data_s += time.perf_counter() - t0
             for i in range(layout.grad_accum):
+                t_collate = time.perf_counter()
                 batch = batcher.collate(mine[i * layout.micro_batch_size:(i + 1) * layout.micro_batch_size])
+                data_s += time.perf_counter() - t_collate
                 with engine.autocast():
                     loss, m = kind.loss(engine.model, batch, n_targets)
                 engine.backward(loss)
@@ -158,7 +171,8 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
             dt = time.perf_counter() - t0
             if main:
                 metrics_log.write({"step": step, "loss": loss_total, "lr": lr, "grad_norm": grad_norm,
-                                   "tokens": tokens, "tokens_per_s": n_tokens / dt, "skipped": not applied, **extra})
+                                   "tokens": tokens, "tokens_per_s": n_tokens / dt, "skipped": not applied,
+                                   "data_share": data_s / dt, "peak_mem_mb": peak_memory_mb(), **extra})
             if bad_in_row >= train.max_bad_steps:
                 raise TrainingError(f"stage '{ctx.name}': {bad_in_row} optimizer steps in a row had a non-finite "
                                     f"loss or gradient (last at step {step}); lower stages.{ctx.name}.train.lr "
