@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean system-deps bench-pipeline bench-zero
+.PHONY: demo test setup clean system-deps bench-pipeline bench-zero bench-zero-quick
 
 setup: $(STAMP)
 
@@ -33,3 +33,12 @@ clean:
 # Times `make demo` in a fresh clone, a cold and a cached `instar run`; writes bench/RESULTS.md.
 bench-pipeline: $(STAMP)
 	$(BIN)/python bench/pipeline.py --make-demo
+
+# instar's ZeRO-2 pretrain stage on 2 CPU ranks vs a hand-written DeepSpeed loop (target >= 0.95x
+# tokens/s), ZeRO-1/2/3 tokens/s and peak RSS per rank; writes bench/RESULTS.md (~15 min on 2 cores).
+bench-zero: $(STAMP)
+	$(BIN)/python bench/zero.py
+
+# A few steps of each, once; prints the table and leaves bench/RESULTS.md alone (~7 min).
+bench-zero-quick: $(STAMP)
+	$(BIN)/python bench/zero.py --quick --repeats 1

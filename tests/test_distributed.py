@@ -218,3 +218,19 @@ def test_bf16_on_zero2(tmp_path: Path, single_reference: Path):
     losses = _losses(tmp_path / "runs" / "t")
     assert losses[0] == pytest.approx(_losses(single_reference)[0], rel=2e-2)  # bf16 forward, same data
     assert all(torch.isfinite(t).all() for t in _weights(tmp_path / "runs" / "t", "sft").values())
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_dpo_on_two_ranks_computes_what_one_process_does(tmp_path: Path, zero: int):
+    recipe = _recipe(steps=3)
+    recipe["stages"]["dpo"] = {"kind": "dpo", "after": ["sft"], "nll_coef": 0.1,
+                               "data": {"generate": {"split": "dpo", "rows": 64}}, "train": {"steps": 3}}
+    path = write_recipe(tmp_path, recipe)
+    _run(["run", str(path), "--quiet", "run.name=one", "defaults.distributed.engine=single",
+          "defaults.distributed.nproc_per_node=1", "defaults.train.micro_batch_size=8"], tmp_path)
+    _run(["run", str(path), "--quiet", "run.name=two", f"defaults.distributed.zero_stage={zero}"], tmp_path)
+    one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    assert _losses(two, "dpo") == pytest.approx(_losses(one, "dpo"), rel=1e-4)
+    assert _losses(two, "dpo")[0] == pytest.approx(0.6931 + 0.1 * 0, abs=0.5)  # ln 2 + the NLL term
+    for key, value in _weights(one, "dpo").items():
+        torch.testing.assert_close(_weights(two, "dpo")[key], value, atol=5e-5, rtol=1e-4)

@@ -9,6 +9,7 @@ Splits and row formats (one JSON object per row):
   cpt        {"text": "512+34=546"}                operands in [0, 999], at least one >= 100
   sft        {"messages": [user "12+34", assistant "46"]}
   sft_steps  {"messages": [user "47+85", assistant worked_steps(47, 85)]}
+  dpo        {"prompt": "12+34", "chosen": "46", "rejected": "48"}  a near miss: one digit changed
   heldout    {"prompt": "12+34", "answer": "46"}   every held-out problem, sorted (also GRPO's format)
 """
 
@@ -24,8 +25,8 @@ from pathlib import Path
 
 from instar.errors import DataError
 
-SPLITS = ("pretrain", "cpt", "sft", "sft_steps", "heldout")
-DEFAULT_SIZES = {"pretrain": 20000, "cpt": 20000, "sft": 5000, "sft_steps": 5000, "heldout": 0}
+SPLITS = ("pretrain", "cpt", "sft", "sft_steps", "dpo", "heldout")
+DEFAULT_SIZES = {"pretrain": 20000, "cpt": 20000, "sft": 5000, "sft_steps": 5000, "dpo": 5000, "heldout": 0}
 
 HELDOUT_MAX_OPERAND = 99  # the held-out rule only covers operands 0..99
 SHORT_MAX_OPERAND = 99  # default range of pretrain, sft and sft_steps
@@ -183,7 +184,21 @@ def generate_rows(split: str, rows: int, seed: int, max_operand: int | None = No
         return [_text_row(a, b) for a, b in pairs]
     if split == "sft":
         return [_chat_row(a, b, str(a + b)) for a, b in pairs]
+    if split == "dpo":
+        return _dpo_rows(pairs, seed)
     return [_chat_row(a, b, worked_steps(a, b)) for a, b in pairs]
+
+
+def near_miss(answer: str, rng: random.Random) -> str:
+    """`answer` with one digit replaced by another (never a leading zero): the hardest wrong answer."""
+    pos = rng.randrange(len(answer))
+    choices = [d for d in "0123456789" if d != answer[pos] and not (pos == 0 and d == "0" and len(answer) > 1)]
+    return answer[:pos] + rng.choice(choices) + answer[pos + 1:]
+
+
+def _dpo_rows(pairs: list[tuple[int, int]], seed: int) -> list[dict]:
+    rng = _split_rng("dpo/rejected", seed)
+    return [{"prompt": f"{a}+{b}", "chosen": str(a + b), "rejected": near_miss(str(a + b), rng)} for a, b in pairs]
 
 
 def _merged_sizes(sizes: dict[str, int] | None) -> dict[str, int]:

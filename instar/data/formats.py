@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 
 class _Row(BaseModel):
@@ -43,6 +43,30 @@ class ChatRow(_Row):
         return value
 
 
+class PreferenceRow(_Row):
+    """A preference pair: `{"prompt": "12+34" or [messages], "chosen": "46", "rejected": "47"}`.
+    The prompt is a user turn (a string) or a conversation ending with a user turn."""
+
+    prompt: str | list[Message]
+    chosen: str
+    rejected: str
+
+    @field_validator("chosen", "rejected")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("empty completion")
+        return value
+
+    @model_validator(mode="after")
+    def _differ(self) -> "PreferenceRow":
+        if self.chosen == self.rejected:
+            raise ValueError("chosen and rejected are identical: the pair teaches nothing")
+        if isinstance(self.prompt, list) and (not self.prompt or self.prompt[-1].role != "user"):
+            raise ValueError("a conversational prompt must end with a user turn")
+        return self
+
+
 class PromptAnswerRow(_Row):
     """A question with its reference answer: `{"prompt": "12+34", "answer": "46"}` (eval, GRPO)."""
 
@@ -54,4 +78,5 @@ ROW_FORMATS: dict[str, type[_Row]] = {
     "text": TextRow,
     "messages": ChatRow,
     "prompt_answer": PromptAnswerRow,
+    "preference": PreferenceRow,
 }

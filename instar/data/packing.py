@@ -16,11 +16,20 @@ IGNORE = -100
 
 @dataclass
 class Example:
+    """One unit of sampling. `segments` splits it into documents that are laid out together but
+    attend only within themselves (e.g. a DPO pair: chosen then rejected); empty = one document."""
+
     input_ids: list[int]
     targets: list[int]
+    segments: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         assert len(self.input_ids) == len(self.targets)
+        assert not self.segments or sum(self.segments) == len(self.input_ids)
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return self.segments or (len(self.input_ids),)
 
 
 def causal_example(ids: list[int], loss_mask: list[bool] | None = None) -> Example:
@@ -54,14 +63,15 @@ def collate_rows(rows: list[list[Example]], pad_id: int, length: int) -> dict[st
     position_ids = torch.zeros((b, length), dtype=torch.long)
     doc_ids = torch.full((b, length), -1, dtype=torch.long)
     for r, row in enumerate(rows):
-        offset = 0
-        for d, ex in enumerate(row):
+        offset, doc = 0, 0
+        for ex in row:
             n = len(ex.input_ids)
             input_ids[r, offset : offset + n] = torch.tensor(ex.input_ids)
             targets[r, offset : offset + n] = torch.tensor(ex.targets)
-            position_ids[r, offset : offset + n] = torch.arange(n)
-            doc_ids[r, offset : offset + n] = d
-            offset += n
+            for length in ex.lengths:
+                position_ids[r, offset : offset + length] = torch.arange(length)
+                doc_ids[r, offset : offset + length] = doc
+                offset, doc = offset + length, doc + 1
     return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "doc_ids": doc_ids}
 
 
@@ -89,6 +99,7 @@ class Batcher:
         self.pending = None
         ex = self.sources[key[0]][key[1]]
         if len(ex.input_ids) > self.seq_len:
+            assert not ex.segments, "multi-document examples are length-checked by their kind"
             self.truncated += 0 if from_pending else 1
             ex = Example(ex.input_ids[: self.seq_len], ex.targets[: self.seq_len - 1] + [IGNORE])
         return key, ex
@@ -122,6 +133,10 @@ class Batcher:
         self.sampler.load_state_dict(state["sampler"])
         self.pending = tuple(state["pending"]) if state["pending"] is not None else None
         self.truncated = int(state["truncated"])
+
+
+def count_examples(rows: list[list[Example]]) -> int:
+    return sum(len(row) for row in rows)
 
 
 def count_targets(rows: list[list[Example]]) -> int:

@@ -25,10 +25,11 @@ def materialize(spec: DataSpec, base_dir: Path, run_dir: Path) -> Path:
         return path if path.is_absolute() else (base_dir / path)
     out = generated_path(spec, run_dir)
     if not out.is_file():
-        from instar.data.arithmetic import generate_rows
+        from instar.data.arithmetic import DEFAULT_SIZES, generate_rows
 
         gen = spec.generate
-        rows = generate_rows(gen.split, rows=gen.rows, seed=gen.seed, max_operand=gen.max_operand)
+        count = gen.rows or DEFAULT_SIZES.get(gen.split, 0)  # rows: 0 = the generator's default size
+        rows = generate_rows(gen.split, rows=count, seed=gen.seed, max_operand=gen.max_operand)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         with tmp.open("w", encoding="utf-8") as fh:

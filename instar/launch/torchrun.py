@@ -96,6 +96,9 @@ def run_stage_torchrun(run_dir: Path, stage: str, dist: DistributedConfig, node_
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("OMP_NUM_THREADS", "1")
+    # DeepSpeed JIT-builds a shared-memory comm op on CPU; keep its build cache per environment so
+    # two virtualenvs never rebuild over each other (a build takes ~30 s).
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     env["PYTHONUNBUFFERED"] = "1"
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     tail: collections.deque[str] = collections.deque(maxlen=200)

@@ -18,7 +18,7 @@ from instar import __version__
 from instar.console import StageProgress, say
 from instar.data.formats import ROW_FORMATS
 from instar.data.jsonl import read_rows
-from instar.data.packing import Batcher, count_targets, count_tokens
+from instar.data.packing import Batcher, count_tokens
 from instar.data.sampler import EpochSampler, MixtureSampler
 from instar.errors import ContractError, TrainingError
 from instar.eval.runner import Evaluator
@@ -138,6 +138,7 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
     engine.barrier()
 
     per_rank = layout.micro_batch_size * layout.grad_accum
+    kind.on_train_start(step)
     progress = StageProgress(ctx.name, train.steps, start=step, every=train.log_every, quiet=quiet)
     recent_losses: list[float] = []
     t_start = time.perf_counter()
@@ -146,7 +147,7 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
             t0 = time.perf_counter()
             data_s = 0.0
             rows_all = batcher.next_rows(layout.global_batch_size)
-            n_targets = max(1, count_targets(rows_all))
+            n_targets = max(1, kind.loss_denominator(rows_all))
             n_tokens = count_tokens(rows_all)
             mine = rows_all[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
             lr = lr_at(step, train.steps, train.lr, train.warmup_ratio, train.min_lr_ratio)

@@ -15,6 +15,7 @@ _REGISTRY: dict[str, str] = {
     "pretrain": "instar.trainer.kinds.pretrain:PretrainKind",
     "cpt": "instar.trainer.kinds.cpt:CptKind",
     "sft": "instar.trainer.kinds.sft:SftKind",
+    "dpo": "instar.trainer.kinds.dpo:DpoKind",
     "merge": "instar.trainer.kinds.merge:MergeKind",
 }
 

@@ -59,8 +59,18 @@ class TrainingKind(StageKind):
     def build_sources(self, tokenizer, rows_per_source: list[list[dict]]) -> tuple[list[list["Example"]], list[float]]:
         """Tokenised examples per data source (rows in `data_specs` order) and each source's weight."""
 
+    def on_train_start(self, step: int) -> None:
+        """Called once before the first step (0, or the step a resumed stage continues from)."""
+
+    def loss_denominator(self, rows: list[list["Example"]]) -> int:
+        """What the step's loss is averaged over, counted on the global batch's rows: target tokens
+        (every token weighs the same, whatever the accumulation and ranks)."""
+        from instar.data.packing import count_targets
+
+        return count_targets(rows)
+
     def loss(self, model, batch: dict[str, "torch.Tensor"], n_targets: int) -> tuple["torch.Tensor", dict[str, float]]:
-        """Loss of one micro-batch, already divided by the target-token count of the whole step."""
+        """Loss of one micro-batch, already divided by `loss_denominator` of the whole step."""
         from instar.trainer.losses import causal_lm_loss
 
         return causal_lm_loss(model, batch, n_targets)

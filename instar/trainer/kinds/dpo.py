@@ -1,0 +1,185 @@
+"""`dpo`: preference optimisation on `{"prompt", "chosen", "rejected"}` rows.
+
+Losses (h = policy-minus-reference log-ratio of chosen minus that of rejected, summed over
+completion tokens; see ../shared/notes/algorithms.md):
+- `sigmoid` (DPO): −(1−ε)·log σ(βh) − ε·log σ(−βh), ε = label_smoothing
+- `ipo`: (h − 1/(2β))² with per-token mean log-probs (as TRL does)
+- `hinge`: max(0, 1 − βh)
+- `redi` (reference-free): −log π(y_w)/|y_w| + α·log π(y_l)/|y_l|
+`nll_coef` adds c·(−log π(y_w)/|y_w|), which keeps the chosen answers' likelihood from falling.
+
+Chosen and rejected go through one forward: they are one example with two segments that do not
+attend to each other. The reference is the parent stage unless `reference` names another
+ancestor; its log-probs are computed on the same batch without gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field
+
+from instar.config.schema import Recipe, StageSpec
+from instar.errors import DataError
+from instar.trainer.kinds.base import TrainingKind
+
+LN2 = math.log(2.0)
+
+
+class DpoSpec(StageSpec):
+    loss: Literal["sigmoid", "ipo", "hinge", "redi"] = "sigmoid"
+    beta: float = Field(default=0.1, gt=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    alpha: float = Field(default=0.8, ge=0)  # REDI: weight of the rejected term
+    nll_coef: float = Field(default=0.0, ge=0)
+    reference: str | None = None  # an ancestor stage; default: the first parent
+
+
+def preference_losses(policy_c, policy_r, ref_c, ref_r, n_c, n_r, spec) -> tuple:
+    """Per-pair losses and rewards from summed completion log-probs (tensors of shape [P])."""
+    import torch.nn.functional as F
+
+    h = (policy_c - ref_c) - (policy_r - ref_r)
+    if spec.loss == "sigmoid":
+        eps = spec.label_smoothing
+        losses = -(1 - eps) * F.logsigmoid(spec.beta * h) - eps * F.logsigmoid(-spec.beta * h)
+    elif spec.loss == "ipo":
+        h_mean = (policy_c - ref_c) / n_c - (policy_r - ref_r) / n_r
+        losses = (h_mean - 1 / (2 * spec.beta)) ** 2
+    elif spec.loss == "hinge":
+        losses = F.relu(1 - spec.beta * h)
+    else:
+        losses = -policy_c / n_c + spec.alpha * policy_r / n_r
+    if spec.nll_coef:
+        losses = losses + spec.nll_coef * (-policy_c / n_c)
+    return losses, spec.beta * (policy_c - ref_c), spec.beta * (policy_r - ref_r)
+
+
+def segment_logps(logits, batch) -> tuple:
+    """Summed target log-probs and target counts per (chosen, rejected) pair in the batch.
+
+    Pairs are laid out as consecutive documents (chosen = even document id, rejected = odd)."""
+    import torch
+
+    from instar.data.packing import IGNORE
+
+    targets = batch["targets"]
+    valid = targets != IGNORE
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    logp = logp * valid
+    docs = int(batch["doc_ids"].max()) + 1
+    index = batch["doc_ids"].clamp(min=0)
+    sums = torch.zeros(targets.shape[0], docs, dtype=logp.dtype).scatter_add_(1, index, logp)
+    counts = torch.zeros(targets.shape[0], docs, dtype=logp.dtype).scatter_add_(1, index, valid.to(logp.dtype))
+    pairs = counts[:, 0::2] > 0
+    chosen_sum, rejected_sum = sums[:, 0::2][pairs], sums[:, 1::2][pairs]
+    chosen_n, rejected_n = counts[:, 0::2][pairs], counts[:, 1::2][pairs]
+    return chosen_sum, rejected_sum, chosen_n, rejected_n
+
+
+class DpoKind(TrainingKind):
+    name = "dpo"
+    Spec = DpoSpec
+    min_parents = 1
+    row_format = "preference"
+    needs_chat_template = True
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self._reference = None
+        self._check_ln2 = False
+
+    @classmethod
+    def check(cls, name: str, spec: DpoSpec, recipe: Recipe) -> list[str]:
+        from instar.graph.dag import ancestors
+
+        problems = super().check(name, spec, recipe)
+        if spec.reference is not None:
+            if spec.reference not in recipe.stages:
+                problems.append(f"stages.{name}.reference: '{spec.reference}' is not a stage of this recipe")
+            elif spec.reference not in ancestors(recipe.stages, name):
+                problems.append(f"stages.{name}.reference: '{spec.reference}' is not an ancestor of '{name}'; "
+                                f"the reference must finish before this stage starts (add it to `after`)")
+        if spec.loss == "redi" and spec.reference is not None:
+            problems.append(f"stages.{name}.reference: loss `redi` is reference-free; drop `reference`")
+        return problems
+
+    @property
+    def reference_stage(self) -> str:
+        return self.ctx.spec.reference or self.ctx.parents[0]
+
+    def build_sources(self, tokenizer, rows_per_source):
+        from instar.data.packing import Example
+        from instar.trainer.kinds.sft import chat_examples
+
+        seq_len = self.ctx.spec.train.seq_len
+        on_bad_row = self.ctx.spec.data.on_bad_row
+        examples, skipped = [], 0
+        for i, row in enumerate(rows_per_source[0], start=1):
+            prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+            convs = [{"messages": [*prompt, {"role": "assistant", "content": row[k]}]} for k in ("chosen", "rejected")]
+            chosen, rejected = chat_examples(tokenizer, convs, "last_turn")
+            if len(chosen.input_ids) + len(rejected.input_ids) > seq_len:
+                if on_bad_row == "error":
+                    raise DataError(f"stage '{self.ctx.name}': preference row {i} needs "
+                                    f"{len(chosen.input_ids) + len(rejected.input_ids)} tokens for chosen + rejected, "
+                                    f"more than train.seq_len={seq_len}; raise seq_len or set data.on_bad_row: skip")
+                skipped += 1
+                continue
+            examples.append(Example(chosen.input_ids + rejected.input_ids, chosen.targets + rejected.targets,
+                                    segments=(len(chosen.input_ids), len(rejected.input_ids))))
+        if skipped and self.ctx.rank == 0:
+            from instar.console import say
+
+            say(f"[{self.ctx.name}] skipped {skipped} preference rows longer than seq_len", self.ctx.quiet)
+        return [examples], [1.0]
+
+    def loss_denominator(self, rows) -> int:
+        from instar.data.packing import count_examples
+
+        return count_examples(rows)  # the loss is a mean over pairs
+
+    def on_train_start(self, step: int) -> None:
+        spec = self.ctx.spec
+        self._check_ln2 = (step == 0 and spec.loss == "sigmoid" and spec.label_smoothing == 0
+                           and spec.nll_coef == 0 and self.reference_stage == self.ctx.parents[0])
+
+    def _reference_model(self):
+        if self._reference is None:
+            from instar.models.build import load_pretrained
+
+            self._reference = load_pretrained(self.ctx.parent_model_dir(self.reference_stage)).eval()
+            self._reference.requires_grad_(False)
+        return self._reference
+
+    def loss(self, model, batch, n_pairs):
+        import torch
+
+        from instar.trainer.losses import forward_logits
+
+        policy_c, policy_r, n_c, n_r = segment_logps(forward_logits(model, batch), batch)
+        spec = self.ctx.spec
+        if spec.loss == "redi":
+            ref_c = ref_r = torch.zeros_like(policy_c)
+        else:
+            with torch.no_grad():
+                ref_c, ref_r, _, _ = segment_logps(forward_logits(self._reference_model(), batch), batch)
+        losses, reward_c, reward_r = preference_losses(policy_c, policy_r, ref_c, ref_r, n_c, n_r, spec)
+        if self._check_ln2:
+            self._check_ln2 = False
+            first = float(losses.mean())
+            if abs(first - LN2) > 1e-3:
+                from instar.console import say
+
+                say(f"[{self.ctx.name}] warning: the sigmoid DPO loss at step 0 is {first:.5f}, not ln 2 = "
+                    f"{LN2:.5f}: the policy does not start equal to the reference '{self.reference_stage}' "
+                    f"(a reference or adapter mix-up?)")
+        metrics = {
+            "rewards/chosen": float(reward_c.mean()),
+            "rewards/rejected": float(reward_r.mean()),
+            "rewards/margin": float((reward_c - reward_r).mean()),
+            "rewards/accuracy": float((reward_c > reward_r).float().mean()),
+            "logps/chosen": float((policy_c / n_c).mean()),
+        }
+        return losses.sum() / n_pairs, metrics
