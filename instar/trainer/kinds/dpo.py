@@ -168,18 +168,19 @@ class DpoKind(TrainingKind):
         losses, reward_c, reward_r = preference_losses(policy_c, policy_r, ref_c, ref_r, n_c, n_r, spec)
         if self._check_ln2:
             self._check_ln2 = False
-            first = float(losses.mean())
+            first = float(losses.detach().mean())
             if abs(first - LN2) > 1e-3:
                 from instar.console import say
 
                 say(f"[{self.ctx.name}] warning: the sigmoid DPO loss at step 0 is {first:.5f}, not ln 2 = "
                     f"{LN2:.5f}: the policy does not start equal to the reference '{self.reference_stage}' "
                     f"(a reference or adapter mix-up?)")
+        reward_c, reward_r = reward_c.detach(), reward_r.detach()
         metrics = {
             "rewards/chosen": float(reward_c.mean()),
             "rewards/rejected": float(reward_r.mean()),
             "rewards/margin": float((reward_c - reward_r).mean()),
             "rewards/accuracy": float((reward_c > reward_r).float().mean()),
-            "logps/chosen": float((policy_c / n_c).mean()),
+            "logps/chosen": float((policy_c.detach() / n_c).mean()),
         }
         return losses.sum() / n_pairs, metrics
