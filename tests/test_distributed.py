@@ -231,6 +231,5 @@ def test_dpo_on_two_ranks_computes_what_one_process_does(tmp_path: Path, zero: i
     _run(["run", str(path), "--quiet", "run.name=two", f"defaults.distributed.zero_stage={zero}"], tmp_path)
     one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
     assert _losses(two, "dpo") == pytest.approx(_losses(one, "dpo"), rel=1e-4)
-    assert _losses(two, "dpo")[0] == pytest.approx(0.6931 + 0.1 * 0, abs=0.5)  # ln 2 + the NLL term
     for key, value in _weights(one, "dpo").items():
         torch.testing.assert_close(_weights(two, "dpo")[key], value, atol=5e-5, rtol=1e-4)
