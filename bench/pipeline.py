@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -19,10 +18,11 @@ import time
 from datetime import date
 from pathlib import Path
 
+from results import markers, write_section  # bench/results.py (scripts run from bench/)
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "tiny" / "pipeline.yaml"
-RESULTS = ROOT / "bench" / "RESULTS.md"
-START, END = "<!-- pipeline:start -->", "<!-- pipeline:end -->"
+START, END = markers("pipeline")
 
 
 def timed(cmd: list[str], cwd: Path) -> float:
@@ -83,12 +83,7 @@ def main() -> None:
         *table,
         END,
     ])
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in bench/.\n\n"
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    write_section("pipeline", section)
     print(section)
 
 

@@ -41,9 +41,10 @@ import time
 from datetime import date
 from pathlib import Path
 
+from results import markers, write_section  # bench/results.py (scripts run from bench/)
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "RESULTS.md"
-START, END = "<!-- zero:start -->", "<!-- zero:end -->"
+START, END = markers("zero")
 
 MODEL = {"vocab_size": 512, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
          "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 256,
@@ -362,12 +363,7 @@ def main() -> None:
     if args.quick:
         print("\n(--quick: bench/RESULTS.md left as it was)")
         return
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by the scripts in bench/.\n\n"
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    write_section("zero", section)
 
 
 if __name__ == "__main__":

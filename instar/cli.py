@@ -6,17 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from instar.console import fmt_value
 from instar.errors import InstarError
 
-
-def _fmt(value, pct: bool = False) -> str:
-    if value is None:
-        return "-"
-    if pct:
-        return f"{100 * value:.1f}%"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def _results_table(results) -> None:
@@ -31,9 +23,9 @@ def _results_table(results) -> None:
     for r in results:
         m = r.metrics
         seconds = m.get("train_seconds", m.get("merge_seconds"))
-        table.add_row(r.name, r.kind, "cached" if r.cached else "ran", _fmt(m.get("steps")), _fmt(m.get("loss")),
-                      _fmt(m.get("exact_match/plain"), pct=True), _fmt(m.get("exact_match/chat"), pct=True),
-                      _fmt(seconds))
+        table.add_row(r.name, r.kind, "cached" if r.cached else "ran", fmt_value(m.get("steps")), fmt_value(m.get("loss")),
+                      fmt_value(m.get("exact_match/plain"), pct=True), fmt_value(m.get("exact_match/chat"), pct=True),
+                      fmt_value(seconds))
     console.print(table)
 
 
@@ -102,8 +94,8 @@ def cmd_status(args) -> int:
             failed += 1
             note = (details.get("error") or "").strip().splitlines()[-1][:120] if details.get("error") else ""
         table.add_row(stage["name"], stage["kind"], ", ".join(stage["parents"]) or "-", status,
-                      _fmt(m.get("steps")), _fmt(m.get("loss")), _fmt(m.get("exact_match/plain"), pct=True),
-                      _fmt(m.get("exact_match/chat"), pct=True), note)
+                      fmt_value(m.get("steps")), fmt_value(m.get("loss")), fmt_value(m.get("exact_match/plain"), pct=True),
+                      fmt_value(m.get("exact_match/chat"), pct=True), note)
     console.print(table)
     return 0
 

@@ -11,6 +11,17 @@ console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
+def fmt_value(value, pct: bool = False) -> str:
+    """A metric for a table: '-' when missing, a percentage, or 4 significant digits."""
+    if value is None:
+        return "-"
+    if pct:
+        return f"{100 * value:.1f}%"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 def _fmt_metrics(metrics: dict[str, float]) -> str:
     parts = []
     for key, value in metrics.items():

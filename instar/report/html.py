@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from html import escape
 
+from instar.console import fmt_value
 from instar.report.collect import RunReport
 from instar.report.graph_svg import STATE_COLORS, graph_svg
 from instar.report.plots import Series, curves_png, data_uri, eval_bars_png, stage_colors
@@ -47,14 +48,6 @@ TRAIN_FAMILIES = [
 ]
 
 
-def _fmt(value: float | int | None, pct: bool = False) -> str:
-    if value is None:
-        return "-"
-    if pct:
-        return f"{100 * value:.1f}%"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def _state_badge(state: str) -> str:
@@ -79,13 +72,13 @@ def _table(run: RunReport, swatches: dict[str, str]) -> str:
         swatch = f'<i class="swatch" style="background:{swatches[s.name]}"></i>' if s.name in swatches else ""
         rows.append(f'<tr data-stage="{escape(s.name)}"><td class="l">{swatch}{escape(s.name)}</td>'
                     f'<td class="l">{escape(s.kind)}</td><td class="l">{_state_badge(s.state)}</td>'
-                    f"<td>{_fmt(s.last_step)}</td><td>{_fmt(s.final('loss'))}</td>"
-                    f"<td>{_fmt(s.final('exact_match/plain'), pct=True)}</td>"
-                    f"<td>{_fmt(s.final('exact_match/chat'), pct=True)}</td><td>{_fmt(s.seconds)}</td>"
+                    f"<td>{fmt_value(s.last_step)}</td><td>{fmt_value(s.final('loss'))}</td>"
+                    f"<td>{fmt_value(s.final('exact_match/plain'), pct=True)}</td>"
+                    f"<td>{fmt_value(s.final('exact_match/chat'), pct=True)}</td><td>{fmt_value(s.seconds)}</td>"
                     f'<td class="note">{escape("; ".join(s.notes()))}</td></tr>')
     seconds = [s.seconds for s in run.stages if s.seconds is not None]
     total = (f'<tr class="total"><td class="l">total</td><td></td><td></td><td></td><td></td><td></td><td></td>'
-             f'<td>{_fmt(round(sum(seconds), 2))}</td><td class="note">wall time of the stages that finished'
+             f'<td>{fmt_value(round(sum(seconds), 2))}</td><td class="note">wall time of the stages that finished'
              f'</td></tr>') if seconds else ""
     return (f'<table class="stages"><caption class="meta" style="caption-side:bottom;text-align:left">'
             f"acc: greedy exact match on held-out problems, as <code>a+b=</code> text and as a chat turn; "
