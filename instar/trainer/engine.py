@@ -54,10 +54,11 @@ class Engine(ABC):
         eval); None on other ranks. Every rank must call it."""
 
     def all_reduce_sum(self, value: float) -> float:
+        """The sum of `value` over ranks (one process: the value itself)."""
         return value
 
     def barrier(self) -> None:
-        pass
+        """Wait for every rank (one process: nothing to wait for)."""
 
 
 ENGINES = {"single": "instar.trainer.single_engine:SingleEngine",

@@ -16,13 +16,9 @@ def text_examples(tokenizer, rows: list[dict]) -> list:
     return [causal_example(prefix + ids + [eos]) for ids in encoded]
 
 
-class PretrainSpec(StageSpec):
-    pass
-
-
 class PretrainKind(TrainingKind):
     name = "pretrain"
-    Spec = PretrainSpec
+    Spec = StageSpec  # no settings beyond the common ones
     row_format = "text"
 
     def build_sources(self, tokenizer, rows_per_source):
