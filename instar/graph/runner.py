@@ -72,9 +72,10 @@ def precheck(loaded: LoadedRecipe, plan: list[StagePlan]) -> None:
 
 def _check_same_tokenizer(loaded, stage, spec, parent, parent_spec) -> None:
     from instar.data.tokenizer import load_tokenizer
+    from instar.trainer.setup import same_vocabulary
 
     a, b = load_tokenizer(spec, loaded.base_dir), load_tokenizer(parent_spec, loaded.base_dir)
-    if a.get_vocab() != b.get_vocab():
+    if not same_vocabulary(a, b):
         raise ContractError(f"stage '{stage}': its tokenizer '{spec}' ({len(a)} tokens) differs from parent "
                             f"'{parent}''s tokenizer '{parent_spec}' ({len(b)} tokens); the parent's weights "
                             f"only fit its own vocabulary. Drop stages.{stage}.tokenizer to inherit it")

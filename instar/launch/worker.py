@@ -65,13 +65,14 @@ def run(run_dir: Path, stage: str) -> int:
         graph = json.loads((run_dir / "graph.json").read_text())
         if env.rank == 0:
             say(f"[{stage}] launcher: {env.launcher}, {env.world_size} rank(s)", graph.get("quiet", False))
-        plan = {sp.name: sp for sp in make_plan(load_recipe(graph["recipe"], graph["overrides"]))}
+        loaded = load_recipe(graph["recipe"], graph["overrides"])
+        plan = {sp.name: sp for sp in make_plan(loaded)}
         recorded = {s["name"]: s["fingerprint"] for s in graph["stages"]}
         sp = plan[stage]
         if sp.fingerprint != recorded.get(stage):
             raise ContractError(f"stage '{stage}': the recipe changed after `instar run` planned it "
                                 f"({recorded.get(stage)} -> {sp.fingerprint}); run `instar run` again")
-        ctx = StageContext(name=sp.name, spec=sp.spec, loaded=load_recipe(graph["recipe"], graph["overrides"]),
+        ctx = StageContext(name=sp.name, spec=sp.spec, loaded=loaded,
                            fingerprint=sp.fingerprint, checkpoint_key=sp.checkpoint_key, parents=sp.parents,
                            data_paths=sp.data_paths, data_hashes=sp.data_hashes, rank=env.rank,
                            world_size=env.world_size, quiet=graph.get("quiet", False))

@@ -12,7 +12,8 @@ from instar.models.build import load_pretrained, model_from_config
 from instar.trainer.context import StageContext
 
 
-def _same_vocab(a, b) -> bool:
+def same_vocabulary(a, b) -> bool:
+    """Same token ids and EOS: what a child stage needs to reuse its parent's embeddings."""
     return a.get_vocab() == b.get_vocab() and a.eos_token == b.eos_token
 
 
@@ -28,12 +29,12 @@ def stage_tokenizer(ctx: StageContext, needs_chat_template: bool):
                       for p in ctx.parents}
         first, tok = next(iter(tokenizers.items()))
         for other, other_tok in tokenizers.items():
-            if not _same_vocab(tok, other_tok):
+            if not same_vocabulary(tok, other_tok):
                 raise ContractError(f"stage '{ctx.name}': parents '{first}' and '{other}' use different "
                                     f"tokenizers; a stage's parents must share one vocabulary")
         if ctx.spec.tokenizer is not None:
             own = load_tokenizer(ctx.spec.tokenizer, base_dir)
-            if not _same_vocab(own, tok):
+            if not same_vocabulary(own, tok):
                 raise ContractError(
                     f"stage '{ctx.name}': tokenizer '{ctx.spec.tokenizer}' differs from parent '{first}''s "
                     f"tokenizer ({len(own)} vs {len(tok)} tokens, or different ids); the parent's weights "
