@@ -109,13 +109,15 @@ def test_dpo_stage_runs_starts_at_ln2_and_learns_the_margin(tmp_path: Path, caps
     assert "not ln 2" not in capsys.readouterr().out
 
 
-def test_reference_mix_up_warns(tmp_path: Path, capsys):
+def test_named_ancestor_reference_is_used(tmp_path: Path, capsys):
+    """reference: pretrain (not the parent sft): the step-0 loss is no longer ln 2, since policy and
+    reference differ, and no mix-up warning is given for a reference the recipe chose."""
     recipe = _dpo_recipe()
     recipe["stages"]["dpo"].update(nll_coef=0.0, reference="pretrain")
-    recipe["stages"]["dpo2"] = {**recipe["stages"]["dpo"], "reference": None}
     path = write_recipe(tmp_path, recipe)
     assert main(["run", str(path)]) == 0
-    # a reference other than the parent is allowed (no ln 2 check); a wrong parent would warn
+    first = json.loads((tmp_path / "runs/t/dpo/metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["loss"] - math.log(2.0)) > 1e-4 and first["rewards/margin"] != 0
     assert "not ln 2" not in capsys.readouterr().out
 
 
