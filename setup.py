@@ -20,7 +20,8 @@ setup(
         "matplotlib>=3.8",  # `instar report` plots (Agg backend, no display needed)
     ],
     extras_require={
-        "dev": ["pytest>=8.0", "triton>=3.0"],  # kernel tests run Triton's interpreter on CPU
+        "dev": ["pytest>=8.0", "triton>=3.0",  # kernel tests run Triton's interpreter on CPU
+                "trl==1.16.0"],  # tests/test_trl_parity.py and bench/peers.py compare against TRL
         "gpu": ["triton>=3.0"],
     },
     entry_points={"console_scripts": ["instar=instar.cli:main"]},
