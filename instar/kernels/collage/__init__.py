@@ -1,0 +1,1 @@
+"""Collage AdamW step: reference.py (the spec) and triton.py (one fused pass per element)."""
