@@ -130,7 +130,26 @@ class DistributedConfig(Strict):
         return self
 
 
-Precision = Literal["fp32", "bf16"]
+# fp32: fp32 weights, optimizer and math. bf16: fp32 weights (the "master" copy) and optimizer, bf16
+# compute. bf16-pure: bf16 weights and AdamW state, no fp32 copy (updates smaller than half a bf16
+# ulp are lost). collage-light / collage-plus: bf16 weights kept exact as two bf16 parts by the
+# Collage optimizer (plus: Adam's second moment too), no fp32 copy.
+Precision = Literal["fp32", "bf16", "bf16-pure", "fp8", "collage-light", "collage-plus"]
+
+
+class KernelsConfig(Strict):
+    """Fused kernels swapped into the model: Triton on CUDA, their plain-torch reference elsewhere."""
+
+    rmsnorm: bool = False  # Llama-style RMSNorm modules -> one fused forward/backward kernel each
+    fused_ce: bool = False  # LM head + next-token cross-entropy without the tokens x vocab logits
+
+
+class Fp8Config(Strict):
+    """How `precision: fp8` scales tensors into FP8: from the current tensor's amax (`dynamic`), or
+    from the largest amax of the last `amax_history_len` steps (`delayed`, TransformerEngine's default)."""
+
+    scaling: Literal["dynamic", "delayed"] = "dynamic"
+    amax_history_len: int = Field(default=16, gt=0)
 
 # Fields that change how a stage is observed or laid out on ranks, but not what it computes;
 # kept out of fingerprints. (The global batch, which topology can change, is fingerprinted
@@ -145,6 +164,8 @@ class Defaults(Strict):
     eval: EvalConfig = EvalConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     precision: Precision = "fp32"
+    fp8: Fp8Config = Fp8Config()
+    kernels: KernelsConfig = KernelsConfig()
     distributed: DistributedConfig = DistributedConfig()
 
 
@@ -159,6 +180,8 @@ class StageSpec(Strict):
     eval: EvalConfig | None = None
     optimizer: OptimizerConfig | None = None
     precision: Precision | None = None
+    fp8: Fp8Config | None = None
+    kernels: KernelsConfig | None = None
     distributed: DistributedConfig | None = None
 
 

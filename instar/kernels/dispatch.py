@@ -35,3 +35,17 @@ def kernel_backend(on_cuda: bool, env: dict[str, str] | None = None) -> str:
     if forced == "reference":
         return "reference"
     return "triton" if on_cuda and triton_available() else "reference"
+
+
+_announced: set[tuple[str, str]] = set()
+
+
+def announce_fallback(op: str, why: str) -> None:
+    """Say once per (op, reason) that the reference runs where the Triton path was chosen:
+    a slower kernel should never be silent."""
+    if (op, why) in _announced:
+        return
+    _announced.add((op, why))
+    import warnings
+
+    warnings.warn(f"instar kernel '{op}': using the plain-torch reference ({why})", RuntimeWarning, stacklevel=3)

@@ -20,9 +20,27 @@ def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return out.logits
 
 
+def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's last hidden states and the LM head's weight (tied or not), without running
+    the head: what the fused linear + cross-entropy takes instead of logits."""
+    hf = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
+    dtype = next(hf.parameters()).dtype
+    mask = block_diagonal_mask(batch["doc_ids"], dtype)
+    out = hf.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                   use_cache=False)
+    return out.last_hidden_state, hf.get_output_embeddings().weight
+
+
 def causal_lm_loss(model, batch: dict[str, torch.Tensor], n_targets: int) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed next-token cross-entropy over the batch's targets, divided by `n_targets`
     (all target tokens of the optimizer step), so accumulation weighs every token equally."""
+    from instar.models.swaps import uses_fused_ce
+
+    if uses_fused_ce(getattr(model, "module", model)):
+        from instar.kernels.fused_ce import linear_cross_entropy
+
+        hidden, head = forward_hidden(model, batch)
+        return linear_cross_entropy(hidden, head, batch["targets"], ignore_index=IGNORE) / n_targets, {}
     logits = forward_logits(model, batch)
     loss_sum = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
                                ignore_index=IGNORE, reduction="sum")

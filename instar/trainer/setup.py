@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 from instar.data.tokenizer import load_tokenizer
 from instar.errors import ContractError
 from instar.models.build import load_pretrained, model_from_config
+from instar.models.swaps import apply_swaps
 from instar.trainer.context import StageContext
 
 
@@ -64,4 +65,5 @@ def stage_model(ctx: StageContext, tokenizer):
         raise ContractError(f"stage '{ctx.name}': the model's embedding has "
                             f"{model.get_input_embeddings().num_embeddings} rows but the tokenizer has "
                             f"{len(tokenizer)} tokens")
+    apply_swaps(model, ctx.spec, ctx.name)
     return model
