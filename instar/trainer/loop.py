@@ -23,6 +23,7 @@ from instar.data.sampler import EpochSampler, MixtureSampler
 from instar.errors import ContractError, TrainingError
 from instar.eval.runner import Evaluator
 from instar.models.export import remove_tree, write_artifact
+from instar.models.fp8 import Fp8GemmCheck
 from instar.trainer.batch import batch_layout
 from instar.trainer.checkpoint import latest_checkpoint, load_rng, save_checkpoint
 from instar.trainer.context import StageContext
@@ -139,6 +140,7 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
 
     per_rank = layout.micro_batch_size * layout.grad_accum
     kind.on_train_start(step)
+    fp8_check = Fp8GemmCheck(spec.precision == "fp8", ctx.name)  # fails a step that ran no FP8 GEMM
     progress = StageProgress(ctx.name, train.steps, start=step, every=train.log_every, quiet=quiet)
     recent_losses: list[float] = []
     t_start = time.perf_counter()
@@ -165,6 +167,7 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
                     extra[key] = extra.get(key, 0.0) + value / layout.grad_accum
             loss_total = engine.all_reduce_sum(loss_sum)
             grad_norm, applied = engine.step(lr, allow=math.isfinite(loss_total))
+            extra.update(fp8_check.step_metrics())
             bad_in_row = 0 if applied else bad_in_row + 1
             skipped_steps += 0 if applied else 1
             step += 1

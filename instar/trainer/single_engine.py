@@ -41,7 +41,7 @@ class SingleEngine(Engine):
                                       spec.train.max_grad_norm)
 
     def autocast(self):
-        if self.precision == "bf16":
+        if self.precision in ("bf16", "fp8"):  # fp8: FP8 linears, everything else in bf16
             return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
