@@ -13,7 +13,7 @@ import torch
 
 from instar.errors import ContractError
 from instar.kernels.collage import reference as R
-from instar.trainer.collage_optim import CollageAdamW, descent_metrics
+from instar.trainer.collage_optim import CollageAdamW, descent_metrics, state_bytes
 
 BF16 = torch.bfloat16
 
@@ -137,10 +137,17 @@ def test_optimizer_rejects_fp32_parameters():
     w = torch.nn.Parameter(torch.zeros(3, 3))
     with pytest.raises(ContractError, match="float32 parameter.*bf16"):
         CollageAdamW([w])
+    # A wrapper that swaps fp32 masters in after construction (DeepSpeed's BF16_Optimizer does).
+    w = torch.nn.Parameter(torch.zeros(3, 3, dtype=BF16))
+    opt = CollageAdamW([w])
+    opt.param_groups[0]["params"] = [torch.nn.Parameter(torch.zeros(9))]
+    opt.param_groups[0]["params"][0].grad = torch.zeros(9)
+    with pytest.raises(ContractError, match="float32 tensor of 9 elements.*never keeps an fp32 copy"):
+        opt.step()
 
 
-@pytest.mark.parametrize("variant,state_bytes", [("light", 6), ("plus", 8)])
-def test_optimizer_state_and_descent_metrics(variant, state_bytes):
+@pytest.mark.parametrize("variant,bytes_per_param", [("light", 6), ("plus", 8)])
+def test_optimizer_state_and_descent_metrics(variant, bytes_per_param):
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(64, 32).to(BF16))
     opt = CollageAdamW([w], lr=1e-2, betas=(0.9, 0.999), variant=variant)
@@ -148,7 +155,7 @@ def test_optimizer_state_and_descent_metrics(variant, state_bytes):
     w.grad = torch.randn_like(w)
     opt.step()
     assert not torch.equal(w, before)
-    assert opt.state_bytes() == state_bytes * w.numel()
+    assert state_bytes(opt) == bytes_per_param * w.numel()
     metrics = descent_metrics(opt.pop_stats())
     # lr 1e-2 on unit weights: the first (sign-like) step is large enough to land almost entirely.
     assert 0.99 < metrics["collage_edq_share"] < 1.01 and metrics["collage_lost_frac"] == 0.0

@@ -69,6 +69,12 @@ class CollageAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                if p.dtype != torch.bfloat16:  # e.g. DeepSpeed swapped in fp32 master partitions
+                    raise ContractError(
+                        f"Collage AdamW was handed a {p.dtype} tensor of {p.numel()} elements to update: it "
+                        f"updates bf16 weights in place and never keeps an fp32 copy. Under DeepSpeed this "
+                        f"means a config that keeps fp32 masters (bf16 at ZeRO stage 0, or "
+                        f"data_types.grad_accum_dtype=fp32); let instar generate the bf16 section")
                 if not p.is_contiguous():
                     raise ContractError(f"Collage AdamW needs contiguous parameters (got strides {p.stride()})")
                 state = self._state(p)
@@ -86,10 +92,13 @@ class CollageAdamW(torch.optim.Optimizer):
         self._stats = None
         return stats
 
-    def state_bytes(self) -> int:
-        """Bytes of optimizer state this process holds (lo, m, v and v_lo; counters excluded)."""
-        return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values()
-                   if isinstance(t, torch.Tensor))
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of tensor state an optimizer holds in this process (its moments, Collage's lo parts;
+    under ZeRO only this rank's partition)."""
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+               if isinstance(t, torch.Tensor) and t.numel() > 1)
 
 
 def descent_metrics(stats: torch.Tensor) -> dict[str, float]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from instar.errors import RecipeError
 from instar.trainer.batch import BatchLayout
+from instar.trainer.optim import BF16_PARAMS
 
 # Top-level sections DeepSpeed reads besides the scalar keys in deepspeed.runtime.constants.
 _SECTIONS = {
@@ -42,6 +43,19 @@ def _known_zero_keys() -> set[str]:
     return keys
 
 
+def _bf16_section(precision: str, zero_stage: int) -> dict[str, Any]:
+    """`bf16` keeps fp32 master weights (DeepSpeed's default bf16). bf16-pure and Collage keep none:
+    at ZeRO 1-3 both flags below make DeepSpeed hand the client optimizer this rank's flat bf16
+    partition with a bf16 gradient (either flag alone asserts). Stage 0 refuses the flags
+    ("only supported with ZeRO Stage 1, 2, or 3") and with bf16 enabled swaps fp32 masters into
+    the optimizer, so there bf16 stays off and the engine casts the module to bf16 itself."""
+    if precision in BF16_PARAMS:
+        if zero_stage == 0:
+            return {"enabled": False}
+        return {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+    return {"enabled": precision == "bf16"}
+
+
 def generate(spec, layout: BatchLayout) -> dict[str, Any]:
     dist = spec.distributed
     zero: dict[str, Any] = {"stage": dist.zero_stage}
@@ -61,7 +75,7 @@ def generate(spec, layout: BatchLayout) -> dict[str, Any]:
         # non-finite steps, which stage 0 would otherwise apply).
         "gradient_clipping": float(spec.train.max_grad_norm or 0.0) if dist.zero_stage > 0 else 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": spec.precision == "bf16"},
+        "bf16": _bf16_section(spec.precision, dist.zero_stage),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -103,4 +117,12 @@ def _merge(generated: dict, raw: dict, path: str, stage: str) -> dict:
 def deepspeed_config(spec, layout: BatchLayout, stage: str) -> dict[str, Any]:
     raw = spec.distributed.deepspeed_config
     _check_keys(raw, stage)
-    return _merge(generate(spec, layout), raw, "", stage)
+    config = _merge(generate(spec, layout), raw, "", stage)
+    accum = str((config.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
+    if spec.precision in BF16_PARAMS and accum in ("fp32", "float32", "float", "torch.float32"):
+        raise RecipeError(
+            f"stages.{stage}.distributed.deepspeed_config.data_types.grad_accum_dtype={accum!r} with precision "
+            f"{spec.precision!r}: DeepSpeed then keeps fp32 master partitions (its BF16_Optimizer) and ignores "
+            f"bf16_master_weights_and_grads, which {spec.precision} exists to avoid. Drop grad_accum_dtype, "
+            f"or use precision `bf16` for fp32 masters")
+    return config

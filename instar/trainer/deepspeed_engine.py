@@ -18,7 +18,8 @@ import torch.distributed as dist
 from instar.trainer.batch import BatchLayout
 from instar.trainer.deepspeed_config import deepspeed_config
 from instar.trainer.engine import Engine
-from instar.trainer.optim import GuardedAdamW, param_groups
+from instar.trainer.collage_optim import CollageAdamW, descent_metrics, state_bytes
+from instar.trainer.optim import build_optimizer, param_dtype, param_groups
 
 TAG = "state"  # one DeepSpeed tag per instar checkpoint folder
 
@@ -44,11 +45,14 @@ class DeepSpeedEngine(Engine):
         self.zero_stage = spec.distributed.zero_stage
         self.layout = layout
         self.config = deepspeed_config(spec, layout, stage)
+        # bf16-pure / Collage: bf16 parameters and no fp32 copy (DeepSpeed would cast at ZeRO 1-3
+        # anyway; at stage 0 its bf16 mode is off, see deepspeed_config._bf16_section).
+        model = model.to(param_dtype(spec.precision))
         groups = param_groups(model, spec.optimizer.weight_decay)
-        if self.zero_stage == 0:
-            optimizer = GuardedAdamW(groups, spec.optimizer, spec.train.max_grad_norm)
-        else:  # ZeRO 1-3 clip and skip non-finite steps themselves, on their own partitions
-            optimizer = torch.optim.AdamW(groups, lr=0.0, betas=spec.optimizer.betas, eps=spec.optimizer.eps)
+        # ZeRO 1-3 clip and skip non-finite steps themselves, on their own partitions; at stage 0
+        # instar's guarded optimizer does.
+        optimizer = build_optimizer(groups, spec.precision, spec.optimizer, guarded=self.zero_stage == 0,
+                                    max_grad_norm=spec.train.max_grad_norm)
         self._client_optimizer = optimizer
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
         self.model = self.ds
@@ -78,6 +82,15 @@ class DeepSpeedEngine(Engine):
             return self._client_optimizer.last_grad_norm, self._client_optimizer.last_applied
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan"), bool(self.ds.was_step_applied())
+
+    def step_metrics(self) -> dict[str, float]:
+        if not isinstance(self._client_optimizer, CollageAdamW):
+            return {}
+        stats = self._client_optimizer.pop_stats().double()  # this rank's partition (ZeRO 1-3)
+        if self.zero_stage > 0:
+            dist.all_reduce(stats)
+        # optim_state_mb: what this rank holds (rank 0 logs it): 1/world of the whole under ZeRO 1-3.
+        return {**descent_metrics(stats), "optim_state_mb": state_bytes(self._client_optimizer) / 2**20}
 
     def all_reduce_sum(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64)

@@ -53,6 +53,11 @@ class Engine(ABC):
         """On rank 0, a whole HF model holding the current weights (for `save_pretrained` and
         eval); None on other ranks. Every rank must call it."""
 
+    def step_metrics(self) -> dict[str, float]:
+        """Optimizer diagnostics of the last `step` for metrics.jsonl (Collage: descent quality and
+        lost updates), reduced over ranks. Every rank must call it after `step`."""
+        return {}
+
     def all_reduce_sum(self, value: float) -> float:
         """The sum of `value` over ranks (one process: the value itself)."""
         return value

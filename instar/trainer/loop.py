@@ -167,6 +167,7 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
                     extra[key] = extra.get(key, 0.0) + value / layout.grad_accum
             loss_total = engine.all_reduce_sum(loss_sum)
             grad_norm, applied = engine.step(lr, allow=math.isfinite(loss_total))
+            extra.update(engine.step_metrics())
             extra.update(fp8_check.step_metrics())
             bad_in_row = 0 if applied else bad_in_row + 1
             skipped_steps += 0 if applied else 1

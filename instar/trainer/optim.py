@@ -1,4 +1,4 @@
-"""Optimizers the engines hand to torch or DeepSpeed."""
+"""Optimizers the engines hand to torch or DeepSpeed, chosen by the stage's `precision`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,15 @@ import math
 import torch
 
 from instar.config.schema import OptimizerConfig
+from instar.trainer.collage_optim import CollageAdamW
+
+# Precisions whose parameters are bf16 with no fp32 copy: the optimizer updates them directly.
+BF16_PARAMS = {"bf16-pure": None, "collage-light": "light", "collage-plus": "plus"}
+
+
+def param_dtype(precision: str) -> torch.dtype:
+    """The dtype the model's parameters are held in for `precision`."""
+    return torch.bfloat16 if precision in BF16_PARAMS else torch.float32
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -16,13 +25,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that clips by the global gradient norm and skips the update when that norm is not
-    finite (or the caller said the loss was not). For engines where nothing upstream does it:
-    one process, and ZeRO stage 0 (whose gradients are all-reduced before `step`)."""
+class GradientGuard:
+    """Clip by the global gradient norm and skip the update when that norm is not finite (or the
+    caller said the loss was not). For engines where nothing upstream does it: one process, and
+    ZeRO stage 0 (whose gradients are all-reduced before `step`). Mixed in before an optimizer."""
 
-    def __init__(self, params, cfg: OptimizerConfig, max_grad_norm: float | None):
-        super().__init__(params, lr=0.0, betas=cfg.betas, eps=cfg.eps, foreach=True)
+    def _init_guard(self, max_grad_norm: float | None) -> None:
         self.max_grad_norm = max_grad_norm
         self.skip_next = False
         self.last_grad_norm = float("nan")
@@ -36,4 +44,30 @@ class GuardedAdamW(torch.optim.AdamW):
         self.last_applied = math.isfinite(self.last_grad_norm) and not self.skip_next
         self.skip_next = False
         if self.last_applied:
-            super().step(closure)
+            return super().step(closure)
+        return None
+
+
+class GuardedAdamW(GradientGuard, torch.optim.AdamW):
+    def __init__(self, params, cfg: OptimizerConfig, max_grad_norm: float | None):
+        super().__init__(params, lr=0.0, betas=cfg.betas, eps=cfg.eps, foreach=True)
+        self._init_guard(max_grad_norm)
+
+
+class GuardedCollageAdamW(GradientGuard, CollageAdamW):
+    def __init__(self, params, cfg: OptimizerConfig, max_grad_norm: float | None, variant: str):
+        super().__init__(params, lr=0.0, betas=cfg.betas, eps=cfg.eps, variant=variant)
+        self._init_guard(max_grad_norm)
+
+
+def build_optimizer(groups: list[dict], precision: str, cfg: OptimizerConfig, guarded: bool,
+                    max_grad_norm: float | None) -> torch.optim.Optimizer:
+    """Collage AdamW for collage-*, torch AdamW otherwise; `guarded` adds clip-and-skip."""
+    variant = BF16_PARAMS.get(precision)
+    if variant is not None:
+        if guarded:
+            return GuardedCollageAdamW(groups, cfg, max_grad_norm, variant)
+        return CollageAdamW(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps, variant=variant)
+    if guarded:
+        return GuardedAdamW(groups, cfg, max_grad_norm)
+    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, eps=cfg.eps)

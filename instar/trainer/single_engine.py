@@ -1,4 +1,5 @@
-"""Single-process engine: plain torch, fp32 weights, optional bf16 autocast."""
+"""Single-process engine: plain torch; fp32 weights (bf16 autocast optional) or, for bf16-pure and
+Collage, bf16 weights with no fp32 copy."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from instar.trainer.engine import Engine
-from instar.trainer.optim import GuardedAdamW, param_groups
+from instar.trainer.collage_optim import CollageAdamW, descent_metrics, state_bytes
+from instar.trainer.optim import build_optimizer, param_dtype, param_groups
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -35,10 +37,10 @@ class SingleEngine(Engine):
     name = "single"
 
     def __init__(self, model: torch.nn.Module, spec):
-        self.model = model
+        self.model = model.to(param_dtype(spec.precision))
         self.precision = spec.precision
-        self.optimizer = GuardedAdamW(param_groups(model, spec.optimizer.weight_decay), spec.optimizer,
-                                      spec.train.max_grad_norm)
+        self.optimizer = build_optimizer(param_groups(model, spec.optimizer.weight_decay), spec.precision,
+                                         spec.optimizer, guarded=True, max_grad_norm=spec.train.max_grad_norm)
 
     def autocast(self):
         if self.precision in ("bf16", "fp8"):  # fp8: FP8 linears, everything else in bf16
@@ -55,6 +57,11 @@ class SingleEngine(Engine):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return self.optimizer.last_grad_norm, self.optimizer.last_applied
+
+    def step_metrics(self) -> dict[str, float]:
+        if isinstance(self.optimizer, CollageAdamW):
+            return {**descent_metrics(self.optimizer.pop_stats()), "optim_state_mb": state_bytes(self.optimizer) / 2**20}
+        return {}
 
     def save(self, ckpt_dir: Path) -> None:
         save_file(unique_state_dict(self.model), str(ckpt_dir / "model.safetensors"))
