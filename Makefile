@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean system-deps bench-pipeline bench-zero bench-zero-quick
+.PHONY: demo test setup clean system-deps slurm-up slurm-down bench-pipeline bench-zero bench-zero-quick
 
 setup: $(STAMP)
 
@@ -17,8 +17,11 @@ $(STAMP): setup.py constraints.txt
 demo: $(STAMP)
 	$(BIN)/instar run recipes/tiny/pipeline.yaml
 
+# The tests marked `slurm` run on a real one-node cluster started here (and stopped after, if this
+# started it).
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest -q tests
+	scripts/slurm-cluster.sh up
+	status=0; $(BIN)/python -m pytest -q tests || status=$$?; scripts/slurm-cluster.sh down --if-started; exit $$status
 
 # Debian packages some tests use (Chromium renders `instar report` pages). Installed when this
 # runs as root with apt-get (CI, containers); elsewhere those tests skip and say why.
@@ -26,6 +29,14 @@ system-deps:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	  chromium >/dev/null; } || echo "note: chromium not installed; the report rendering test will skip"
+
+# A one-node Slurm cluster on this host (installed with apt-get when this runs as root; elsewhere
+# the slurm tests skip and say why), e.g. to run `pytest -m slurm` by hand.
+slurm-up:
+	scripts/slurm-cluster.sh up
+
+slurm-down:
+	scripts/slurm-cluster.sh down
 
 clean:
 	rm -rf $(VENV) runs

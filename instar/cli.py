@@ -86,17 +86,44 @@ def cmd_status(args) -> int:
     for col in ("stage", "kind", "parents", "state", "steps", "loss", "acc a+b=", "acc chat", "note"):
         table.add_column(col, no_wrap=col != "note")
     failed = 0
+    slurm_lines: list[str] = []  # printed plainly below the table: log paths are long
     for stage in graph["stages"]:
         status, details = stage_status(run_dir / stage["name"], stage["fingerprint"])
         m = details.get("metrics", {}) if status == "done" else {}
         note = ""
-        if status == "failed":
+        if status in ("failed", "cancelled"):
             failed += 1
             note = (details.get("error") or "").strip().splitlines()[-1][:120] if details.get("error") else ""
+        if details.get("executor") == "slurm" and status != "done":
+            slurm_lines.append(f"{stage['name']}: {status}, Slurm job {details.get('slurm')}, log {details.get('log')}"
+                               + (f"\n  {details['error']}" if details.get("error") else ""))
         table.add_row(stage["name"], stage["kind"], ", ".join(stage["parents"]) or "-", status,
                       fmt_value(m.get("steps")), fmt_value(m.get("loss")), fmt_value(m.get("exact_match/plain"), pct=True),
                       fmt_value(m.get("exact_match/chat"), pct=True), note)
     console.print(table)
+    for line in slurm_lines:
+        print(line)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from instar.config.load import load_recipe
+
+    if args.executor == "local":  # the stages run here, one after another: that is `instar run`
+        return cmd_run(argparse.Namespace(**vars(args), node_rank=0))
+    from instar.graph.submit import submit_recipe
+    from instar.launch.slurm import SlurmOptions
+
+    opts = SlurmOptions(partition=args.partition, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                        cpus_per_task=args.cpus_per_task, time=args.time, account=args.account, qos=args.qos,
+                        sbatch_lines=args.sbatch, container_image=args.container_image,
+                        signal_seconds=args.signal_seconds)
+    loaded = load_recipe(args.recipe, args.overrides)
+    results = submit_recipe(loaded, opts, dry_run=args.dry_run, quiet=args.quiet)
+    if not args.dry_run and not args.quiet:
+        counts = {a: sum(r.action == a for r in results) for a in ("submitted", "queued", "done")}
+        print(f"{counts['submitted']} job(s) submitted, {counts['queued']} still queued or running, "
+              f"{counts['done']} stage(s) already done; `instar status {loaded.run_dir}` follows them")
     return 0
 
 
@@ -132,6 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--node-rank", type=int, default=0,
                      help="this node's rank for stages with distributed.nnodes > 1 (node 0 owns the run state)")
     recipe_cmd("plan", "show the stages in order with fingerprints and cached/pending", cmd_plan)
+    submit = recipe_cmd("submit", "queue every pending stage on a scheduler (one Slurm job per stage, chained "
+                                  "by their dependencies)", cmd_submit)
+    submit.add_argument("--executor", default="slurm", choices=["slurm", "local"],
+                        help="slurm: one sbatch job per stage (default); local: run here, like `instar run`")
+    submit.add_argument("--partition", help="Slurm partition")
+    submit.add_argument("--nodes", type=int, help="nodes per multi-rank stage (must match distributed.nnodes)")
+    submit.add_argument("--gpus-per-node", type=int, help="GPUs per node (one for single-process stages)")
+    submit.add_argument("--cpus-per-task", type=int, help="CPUs per node (one task per node runs torchrun)")
+    submit.add_argument("--time", help="time limit per job, e.g. 4:00:00")
+    submit.add_argument("--account", help="Slurm account to charge")
+    submit.add_argument("--qos", help="Slurm quality of service")
+    submit.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                        help="an extra #SBATCH option, e.g. --sbatch=--mem=64G (repeatable)")
+    submit.add_argument("--container-image", help="run the ranks in this image (pyxis: srun --container-image)")
+    submit.add_argument("--signal-seconds", type=int, default=120,
+                        help="seconds before the time limit at which a stage checkpoints and requeues (default 120)")
+    submit.add_argument("--dry-run", action="store_true", help="print the scripts and sbatch calls; queue nothing")
+    submit.add_argument("--quiet", action="store_true", help="no progress output")
     recipe_cmd("validate", "check a recipe without running anything", cmd_validate)
     status = sub.add_parser("status", help="show each stage's state and final metrics")
     status.add_argument("run_dir")

@@ -125,8 +125,6 @@ class DistributedConfig(Strict):
         if self.engine == "single" and self.world_size > 1:
             raise ValueError("engine `single` runs one process; use `engine: deepspeed` for "
                              f"nproc_per_node x nnodes = {self.world_size} ranks")
-        if self.nnodes > 1 and self.rdzv_endpoint is None:
-            raise ValueError("nnodes > 1 needs `rdzv_endpoint: host:port` (node 0's address)")
         return self
 
 

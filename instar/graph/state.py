@@ -2,7 +2,8 @@
 
 A stage is `done` when its artifact is complete (DONE marker) and its fingerprint matches;
 `running` while the process that started it is alive; `failed` when it raised or its process
-died (e.g. SIGKILL, an OOM kill); `pending` otherwise.
+died (e.g. SIGKILL, an OOM kill); `pending` otherwise. Stages queued on Slurm (`instar submit`)
+take their state from Slurm, plus `cancelled` for a job that never ran (e.g. its parent failed).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def stage_status(stage_dir: Path, fingerprint: str) -> tuple[str, dict[str, Any]
     state = read_state(stage_dir)
     if state.get("fingerprint") != fingerprint:
         return "pending", {}
+    if state.get("executor") == "slurm":
+        from instar.launch.slurm import stage_status_from_slurm
+
+        return stage_status_from_slurm(state)
     if state.get("state") == "running":
         if state.get("host") == socket.gethostname() and not _alive(int(state.get("pid", -1))):
             return "failed", {**state, "error": "the process running it died (killed?); `instar run` resumes it"}

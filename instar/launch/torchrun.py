@@ -48,6 +48,9 @@ def check_topology(stage: str, spec, node_rank: int) -> None:
     if dist.nproc_per_node > devices:
         raise RecipeError(f"stages.{stage}.distributed.nproc_per_node={dist.nproc_per_node} but this machine has "
                           f"{devices} {kind}; lower nproc_per_node")
+    if dist.nnodes > 1 and dist.rdzv_endpoint is None:  # under Slurm, `instar submit` finds node 0 itself
+        raise RecipeError(f"stages.{stage}.distributed: nnodes={dist.nnodes} needs `rdzv_endpoint: host:port` "
+                          f"(node 0's address) for `instar run`; or queue it with `instar submit --executor slurm`")
     if node_rank >= dist.nnodes:
         raise RecipeError(f"--node-rank {node_rank} but the stage has nnodes={dist.nnodes}")
     if dist.rdzv_endpoint is not None and node_rank == 0:

@@ -52,6 +52,7 @@ def run(run_dir: Path, stage: str) -> int:
     from instar.console import say
     from instar.errors import ContractError, InstarError
     from instar.graph.plan import make_plan
+    from instar.launch import preempt
     from instar.launch.env import detect
     from instar.trainer.context import StageContext
     from instar.trainer.kinds import get_kind
@@ -59,6 +60,7 @@ def run(run_dir: Path, stage: str) -> int:
     # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     env = detect()
+    preempt.install()
     _log_to_file(run_dir / stage / "logs", env.rank,
                  f"[{stage}] rank {env.rank}/{env.world_size} pid {os.getpid()} host {os.uname().nodename}")
     try:
@@ -78,6 +80,11 @@ def run(run_dir: Path, stage: str) -> int:
                            world_size=env.world_size, quiet=graph.get("quiet", False))
         get_kind(sp.kind)(ctx).run()
         return 0
+    except preempt.Preempted as exc:
+        # Every rank saved its part of the checkpoint; rank 0 puts the Slurm job back in the queue.
+        requeued = preempt.requeue_slurm_job() if env.rank == 0 else None
+        print(f"[{stage}] rank {env.rank}: {exc}" + (f"; {requeued}" if requeued else ""), file=sys.stderr)
+        return exc.exit_code
     except InstarError as exc:
         print(f"error (rank {env.rank}): {exc}", file=sys.stderr)
         return exc.exit_code

@@ -22,6 +22,7 @@ from instar.data.packing import Batcher, count_tokens
 from instar.data.sampler import EpochSampler, MixtureSampler
 from instar.errors import ContractError, TrainingError
 from instar.eval.runner import Evaluator
+from instar.launch.preempt import Preempted, signal_name, stop_requested
 from instar.models.export import remove_tree, write_artifact
 from instar.models.fp8 import Fp8GemmCheck
 from instar.trainer.batch import batch_layout
@@ -190,13 +191,16 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
                 if main:
                     eval_log.write(evaluator(full, step))
                 engine.barrier()
-            if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
+            stop = step < train.steps and stop_requested(engine)  # preemption: all ranks agree
+            if (train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps) or stop:
                 save_checkpoint(ckpt_root, step, engine, {
                     "key": ctx.checkpoint_key, "batcher": batcher.state_dict(), "tokens": tokens,
                     "bad_in_row": bad_in_row, "skipped_steps": skipped_steps,
                     "global_batch_size": layout.global_batch_size, "world_size": ctx.world_size,
                     "engine": engine.name, "zero_stage": spec.distributed.zero_stage,
                 }, keep=train.keep_checkpoints)
+            if stop:
+                raise Preempted(f"stage '{ctx.name}': stopped at step {step} on {signal_name()}, checkpoint saved")
     finally:
         progress.close()
 
