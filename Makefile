@@ -53,3 +53,15 @@ bench-zero: $(STAMP)
 # A few steps of each, once; prints the table and leaves bench/RESULTS.md alone (~7 min).
 bench-zero-quick: $(STAMP)
 	$(BIN)/python bench/zero.py --quick --repeats 1
+
+# instar side by side with a plain PyTorch loop, HF Trainer, TRL's SFT/DPO/GRPO trainers and a
+# hand-written DeepSpeed ZeRO-2 loop on the same model, data and batch: a table of ratios, then the
+# full ZeRO-1/2/3 comparison; both write their sections of bench/RESULTS.md (3 runs each).
+.PHONY: bench bench-quick
+bench: $(STAMP)
+	$(BIN)/python bench/peers.py
+	$(BIN)/python bench/zero.py
+
+# Every contender once, a few steps; prints the table and leaves bench/RESULTS.md alone.
+bench-quick: $(STAMP)
+	$(BIN)/python bench/peers.py --quick
