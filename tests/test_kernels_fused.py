@@ -150,3 +150,45 @@ def test_rmsnorm_on_a_model_without_one_is_an_error():
     spec = type("Spec", (), {"kernels": KernelsConfig(rmsnorm=True), "precision": "fp32"})()
     with pytest.raises(RecipeError, match=r"stages\.s\.kernels\.rmsnorm: the model has no Llama-style RMSNorm"):
         apply_swaps(model, spec, "s")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 7, 33), (4096, 4096), (5, 8192)])
+def test_rmsnorm_compiled_kernels_match_hf_on_gpu(dtype, shape):
+    torch.manual_seed(0)
+    hf = LlamaRMSNorm(shape[-1], eps=1e-6).cuda()
+    hf.weight.data = torch.randn(shape[-1], device="cuda") * 0.5 + 1
+    x = torch.randn(*shape, dtype=dtype, device="cuda") * 3
+    x_hf, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w = hf.weight.detach().clone().requires_grad_()
+    y_hf, y = hf(x_hf), rms_norm(x_ours, w, 1e-6)
+    dy = torch.randn_like(y_hf)
+    y_hf.backward(dy)
+    y.backward(dy)
+    atol, rtol = RMS_TOL[dtype]
+    torch.testing.assert_close(y, y_hf, atol=atol, rtol=rtol)
+    torch.testing.assert_close(x_ours.grad, x_hf.grad, atol=atol, rtol=rtol)
+    torch.testing.assert_close(w.grad, hf.weight.grad, atol=atol * 100 if dtype == torch.float32 else atol * 10,
+                               rtol=rtol * 10)  # 4096-row sums in another order
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,h,v", [(37, 33, 101), (1000, 256, 32000), (64, 64, 128256)])
+def test_linear_ce_compiled_kernel_matches_cross_entropy_on_gpu(dtype, n, h, v):
+    torch.manual_seed(1)
+    hidden = torch.randn(n, h, dtype=dtype, device="cuda")
+    weight = (torch.randn(v, h, device="cuda") * h ** -0.5).to(dtype)
+    targets = torch.randint(0, v, (n,), device="cuda")
+    targets[::5] = -100
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h_ours, w_ours = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = F.cross_entropy((h_ref @ w_ref.t()).float(), targets, ignore_index=-100)
+    ours = linear_cross_entropy(h_ours, w_ours, targets) / int((targets != -100).sum())
+    ref.backward()
+    ours.backward()
+    atol, rtol = CE_TOL[dtype]
+    torch.testing.assert_close(ours, ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(h_ours.grad, h_ref.grad, atol=atol, rtol=rtol)
+    torch.testing.assert_close(w_ours.grad, w_ref.grad, atol=atol, rtol=rtol)

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Every GPU-only check in one call, for a machine with torch, triton and CUDA but no network:
+# the `gpu`-marked tests and the GPU kernel benchmarks. Results go to $1, else $OUT, else ./gpu-results.
+#
+#   bash bench/gpu_check.sh /path/to/results
+#
+# DeepSpeed, pydantic and hjson are not on such machines: build their wheels beforehand with
+# ../shared/tools/gpu-wheels.sh .whl (or copy them into .whl/), carry .whl/ along, and this script
+# installs them into /tmp/site (--no-index: nothing is downloaded).
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+RESULTS=${1:-${OUT:-gpu-results}}
+mkdir -p "$RESULTS"
+RESULTS=$(cd "$RESULTS" && pwd)
+PY=${PYTHON:-python}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -3
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+unset TRITON_INTERPRET INSTAR_KERNELS  # the compiled kernels, chosen by the dispatcher
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 2
+  for mod in transformers safetensors pydantic yaml deepspeed pytest; do
+    $PY -c "import $mod" 2>/dev/null || echo "missing python module: $mod"
+  done
+} 2>&1 | tee "$RESULTS/env.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "no usable CUDA device: see $RESULTS/env.txt"; exit 2; }
+
+status=0
+step() {  # step NAME COMMAND...: run, log to $RESULTS/NAME.log, remember a failure, go on
+  local name=$1; shift
+  echo "== $name: $*"
+  "$@" 2>&1 | tee "$RESULTS/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "$name rc=$rc" | tee -a "$RESULTS/summary.txt"
+  [ "$rc" = 0 ] || status=1
+}
+
+# Every `gpu`-marked test (a module that cannot be imported here is reported, the rest still run).
+step gpu-tests $PY -m pytest -q -m gpu tests -p no:cacheprovider --continue-on-collection-errors \
+  --junitxml="$RESULTS/gpu-tests.xml"
+
+# Kernel benchmarks: FP8 linear vs bf16 (8192^3, target >= 1.3x), fused RMSNorm vs HF (hidden 4096,
+# target >= 3x), fused linear + CE memory (target <= 0.3x of HF) and speed.
+step kernels $PY bench/kernels.py --gpu --no-cpu --no-results --out "$RESULTS"
+
+# (Collage: the optimizer's HBM-bandwidth benchmark goes here, as one more `step` line.)
+
+echo "results in $RESULTS (summary.txt); exit $status"
+exit $status
