@@ -17,13 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from instar.config.load import LoadedRecipe
-from instar.console import say
 from instar.errors import RecipeError
 from instar.graph.plan import StagePlan, make_plan
 from instar.graph.runner import precheck, run_lock, save_run_files
 from instar.graph.state import read_state, write_state
 from instar.launch import slurm
 from instar.launch.slurm import SlurmOptions, StageJob
+
+
+def say(text: str, quiet: bool) -> None:
+    if not quiet:  # plain print: rich would wrap the long log paths mid-line
+        print(text, flush=True)
 
 
 @dataclass
@@ -93,7 +97,8 @@ def submit_recipe(loaded: LoadedRecipe, opts: SlurmOptions, dry_run: bool = Fals
             if dry_run:
                 cmd = slurm.sbatch_command(script, slurm.log_pattern(run_dir, sp.name), [])
                 dep = ":".join(f"${_var(p)}" for p in parents)
-                line = shlex.join(cmd[:-1]) + (f" --dependency=afterok:{dep}" if dep else "") + " " + shlex.quote(cmd[-1])
+                line = (shlex.join(cmd[:-1]) + (f" --dependency=afterok:{dep}" if dep else "")
+                        + " " + shlex.quote(cmd[-1]))
                 print(f"# ---- {script} ----\n{text}")
                 print(f"{_var(sp.name)}=$({line})\n")
                 job_of[sp.name] = f"${_var(sp.name)}"

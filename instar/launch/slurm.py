@@ -7,9 +7,10 @@ run the worker directly as the job's one task.
 
 Preemption: the script asks for `--signal=B:USR2@N` and `--requeue`. `B:` signals the batch shell
 only, so the shell forwards USR2 to the job step (`scancel --signal=USR2 $SLURM_JOB_ID` reaches
-every step's processes on every node). torchrun ignores USR2 and TERM (so it does not die and take
-the ranks with it); the ranks catch both, checkpoint at the next step and rank 0 requeues the job
-(see `instar.launch.preempt`).
+every step's processes on every node). torchrun is started with USR2 ignored (it has no handler of
+its own, so the signal would kill it and the ranks with it); the ranks catch USR2 and TERM (which
+Slurm sends before killing, and torchrun passes on), checkpoint at the next step and rank 0
+requeues the job (see `instar.launch.preempt`).
 
 Everything that comes from the recipe or the command line is quoted with shlex.quote; sbatch
 itself is called with an argument list.
@@ -35,8 +36,8 @@ class SlurmError(InstarError):
 
 
 # Slurm job states in which the job is still going to run (or is running).
-ALIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "SUSPENDED",
-         "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+ALIVE = {"PENDING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
+         "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
 _NAME = re.compile(r"^[A-Za-z0-9_.,+-]+$")  # partitions, accounts, QOS (comma lists allowed)
 _TIME = re.compile(r"^[0-9]+([-:][0-9]+){0,3}$|^(UNLIMITED|INFINITE)$")
 
@@ -174,10 +175,10 @@ def render_script(run_dir: Path, job: StageJob, opts: SlurmOptions, *, run_name:
         f"{q(job.name)}",
         "# USR2 (time limit near, or `scancel --signal=USR2 --batch`) reaches this shell only: pass it to the",
         "# job step. The ranks checkpoint at the next step and requeue the job. TERM goes to every process",
-        "# anyway; this shell waits for the step instead of dying first.",
+        "# anyway; this shell waits for the step instead of dying first. torchrun must not die of USR2.",
         'trap \'scancel --signal=USR2 "$SLURM_JOB_ID"\' USR2',
         "trap 'echo \"[instar] SIGTERM: waiting for the ranks to checkpoint\"' TERM",
-        f"{srun} bash -c 'trap \"\" USR2 TERM; exec \"$@\"' instar-rank {rank_cmd} &",
+        f"{srun} bash -c 'trap \"\" USR2; exec \"$@\"' instar-rank {rank_cmd} &",
         "step=$!",
         'while :; do wait "$step"; code=$?; kill -0 "$step" 2>/dev/null || break; done',
         'echo "[instar] job step exited with code $code"',
