@@ -132,8 +132,10 @@ def bytes_rank_main(precision: str, zero: int) -> None:
             _fwd_bwd(engine, model.config.vocab_size)
         if i == 0:
             engine.step(1e-4)
-    held = held_bytes(engine.ds.module, [engine.ds.optimizer, engine._client_optimizer])
-    print(f"BYTES {dist.get_rank()} {held / n:.4f}", flush=True)
+    held = [None] * dist.get_world_size()
+    dist.all_gather_object(held, held_bytes(engine.ds.module, [engine.ds.optimizer, engine._client_optimizer]) / n)
+    if dist.get_rank() == 0:  # one printer: the ranks' stdout would interleave
+        print("BYTES " + " ".join(f"{b:.4f}" for b in held), flush=True)
     engine.step(1e-4)
 
 
@@ -141,11 +143,10 @@ def bytes_zero(precision: str, zero: int) -> list[float]:
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29533", str(Path(__file__).resolve()), "--bytes-rank", precision,
                            str(zero)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    per_rank = sorted((int(x.split()[1]), float(x.split()[2])) for x in proc.stdout.splitlines()
-                      if x.startswith("BYTES "))
-    if proc.returncode != 0 or len(per_rank) != 2:
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("BYTES ")]
+    if proc.returncode != 0 or len(lines) != 1:
         raise RuntimeError(f"ZeRO-{zero} {precision}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
-    return [b for _, b in per_rank]
+    return [float(b) for b in lines[0].split()[1:]]
 
 
 def table(single: dict[str, float], zero: dict[str, dict[int, list[float]]]) -> str:

@@ -38,11 +38,11 @@ class CollageAdamW(torch.optim.Optimizer):
             raise ValueError(f"Collage variant {variant!r}: use one of {VARIANTS}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.variant = variant
-        for group in self.param_groups:
+        for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 if p.dtype != torch.bfloat16:
                     raise ContractError(
-                        f"Collage AdamW got a {p.dtype} parameter (group {self.param_groups.index(group)}, "
+                        f"Collage AdamW got a {p.dtype} parameter (group {g}, "
                         f"#{i}, shape {tuple(p.shape)}): Collage keeps the weights themselves in bf16 "
                         f"(hi + lo) and needs no fp32 copy. Cast the model first (model.to(torch.bfloat16)), "
                         f"or use precision `bf16` (fp32 master weights) if you want fp32 parameters")
@@ -91,7 +91,6 @@ class CollageAdamW(torch.optim.Optimizer):
         stats = torch.zeros(4) if self._stats is None else self._stats.float().cpu()
         self._stats = None
         return stats
-
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
