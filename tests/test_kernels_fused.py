@@ -192,3 +192,29 @@ def test_linear_ce_compiled_kernel_matches_cross_entropy_on_gpu(dtype, n, h, v):
     torch.testing.assert_close(ours, ref, atol=atol, rtol=rtol)
     torch.testing.assert_close(h_ours.grad, h_ref.grad, atol=atol, rtol=rtol)
     torch.testing.assert_close(w_ours.grad, w_ref.grad, atol=atol, rtol=rtol)
+
+
+def _spec(kind: str, engine: str = "single", zero_stage: int = 2):
+    from types import SimpleNamespace
+
+    from instar.config.schema import DistributedConfig, KernelsConfig
+
+    return SimpleNamespace(kind=kind, precision="fp32", kernels=KernelsConfig(fused_ce=True),
+                           distributed=DistributedConfig(engine=engine, zero_stage=zero_stage))
+
+
+def test_fused_ce_is_announced_where_it_does_not_apply_and_refused_on_zero3(capsys):
+    from instar.data.tokenizer import build_char_tokenizer
+    from instar.models.build import model_from_config
+    from instar.models.swaps import apply_swaps, uses_fused_ce
+
+    def model():
+        return model_from_config(tiny_recipe()["model"]["config"], build_char_tokenizer(), seed=0)
+
+    m = model()
+    assert apply_swaps(m, _spec("sft"), "s") == {"fused_ce": 1} and uses_fused_ce(m)
+    m = model()
+    assert apply_swaps(m, _spec("dpo"), "d") == {} and not uses_fused_ce(m)
+    assert "does not apply and is not used" in capsys.readouterr().out
+    with pytest.raises(RecipeError, match="not supported under ZeRO-3"):
+        apply_swaps(model(), _spec("pretrain", "deepspeed", 3), "p")

@@ -30,6 +30,13 @@ def fuse_rmsnorms(model: torch.nn.Module) -> int:
     return len(targets)
 
 
+def _kind_uses_causal_lm_loss(kind: str) -> bool:
+    from instar.trainer.kinds import get_kind
+    from instar.trainer.kinds.base import TrainingKind
+
+    return getattr(get_kind(kind), "loss", None) is TrainingKind.loss
+
+
 def uses_fused_ce(model: torch.nn.Module) -> bool:
     return bool(getattr(model, FUSED_CE_ATTR, False))
 
@@ -50,8 +57,17 @@ def apply_swaps(model: torch.nn.Module, spec, stage: str) -> dict[str, int]:
         if head is None or getattr(head, "bias", None) is not None or not hasattr(model, "model"):
             raise RecipeError(f"stages.{stage}.kernels.fused_ce: the model has no bias-free LM head over a "
                               f"`.model` backbone to fuse; set kernels.fused_ce: false")
-        setattr(model, FUSED_CE_ATTR, True)
-        done["fused_ce"] = 1
+        if spec.distributed.engine == "deepspeed" and spec.distributed.zero_stage == 3:
+            raise RecipeError(f"stages.{stage}.kernels.fused_ce: not supported under ZeRO-3 (the LM head's weight "
+                              f"is partitioned outside its own forward); use zero_stage <= 2 or fused_ce: false")
+        if _kind_uses_causal_lm_loss(spec.kind):
+            setattr(model, FUSED_CE_ATTR, True)
+            done["fused_ce"] = 1
+        else:
+            from instar.console import say
+
+            say(f"[{stage}] kernels.fused_ce: a {spec.kind} stage computes its loss from logits, not next-token "
+                f"cross-entropy; the fused linear + cross-entropy does not apply and is not used")
     if spec.precision == "fp8":
         from instar.models.fp8 import convert_to_float8
 

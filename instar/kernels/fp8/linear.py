@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from instar.errors import InstarError
 from instar.kernels.fp8.op import quantize
 from instar.kernels.fp8.reference import E4M3, E5M2
 
@@ -33,6 +34,21 @@ GEMMS = GemmCounter()
 
 def eligible(linear: torch.nn.Linear) -> bool:
     return linear.in_features % ALIGN == 0 and linear.out_features % ALIGN == 0
+
+
+_checked_devices: set[int] = set()
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """FP8 GEMMs need compute capability 8.9 (Ada) or newer on CUDA; CPU runs them (slowly)."""
+    if device.type != "cuda" or device.index in _checked_devices:
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise InstarError(f"precision: fp8 needs a GPU with FP8 tensor cores (compute capability >= 8.9: Ada, "
+                          f"Hopper or newer); {torch.cuda.get_device_name(device)} is {major}.{minor}. "
+                          f"Use precision: bf16 on this GPU")
+    _checked_devices.add(device.index)
 
 
 def fp8_gemm(a8: torch.Tensor, a_inv: torch.Tensor, b8_colmajor: torch.Tensor, b_inv: torch.Tensor,
@@ -74,6 +90,7 @@ def _quantize(x, dtype, transpose, history: AmaxHistory | None):
 class Float8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, out_dtype, histories):
+        check_fp8_device(x.device)
         shape = x.shape
         x2 = _pad_rows(x.reshape(-1, shape[-1]))
         qx = _quantize(x2, E4M3, weight.requires_grad, histories and histories["input"])
