@@ -149,6 +149,7 @@ class Fp8Config(Strict):
     scaling: Literal["dynamic", "delayed"] = "dynamic"
     amax_history_len: int = Field(default=16, gt=0)
 
+
 # Fields that change how a stage is observed or laid out on ranks, but not what it computes;
 # kept out of fingerprints. (The global batch, which topology can change, is fingerprinted
 # separately, resolved.)
