@@ -14,7 +14,7 @@ import triton.language as tl
 from instar.kernels.collage.reference import StepScalars
 from instar.kernels.triton_utils import interpreted, round_to_bf16
 
-BLOCK = 1024
+BLOCK, NUM_WARPS = 1024, 4  # bench/collage_bandwidth.py times the alternatives on a GPU
 
 
 @triton.jit
@@ -86,14 +86,15 @@ def _collage_step_kernel(hi_ptr, lo_ptr, g_ptr, m_ptr, v_ptr, vlo_ptr, stats_ptr
 
 
 def collage_step_(hi: torch.Tensor, lo: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
-                  v_lo: torch.Tensor | None, c: StepScalars) -> torch.Tensor:
+                  v_lo: torch.Tensor | None, c: StepScalars, block: int = BLOCK,
+                  num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Same contract as reference.collage_step_ (contiguous tensors of one shape)."""
     n = hi.numel()
-    grid = (triton.cdiv(n, BLOCK),)
+    grid = (triton.cdiv(n, block),)
     stats = torch.empty((grid[0], 4), dtype=torch.float32, device=hi.device)
     plus = v_lo is not None
-    extra = {} if interpreted() else {"enable_fp_fusion": False}
+    extra = {} if interpreted() else {"enable_fp_fusion": False, "num_warps": num_warps}
     _collage_step_kernel[grid](hi, lo, grad, m, v, v_lo if plus else v, stats, n,
                                c.beta1, c.one_minus_beta1, c.beta2, c.beta2_hi, c.beta2_lo, c.one_minus_beta2,
-                               c.eps, c.step_size, c.bias2_sqrt, c.decay, PLUS=plus, BLOCK=BLOCK, **extra)
+                               c.eps, c.step_size, c.bias2_sqrt, c.decay, PLUS=plus, BLOCK=block, **extra)
     return stats.sum(0)
