@@ -50,6 +50,12 @@ def install() -> None:
     _installed = True
 
 
+def requeue_wanted() -> bool:
+    """USR2 (the time limit is near, or someone asked) means "stop and come back": requeue. TERM alone
+    means a cancel, the time limit itself, or a preemption Slurm requeues by itself: only stop."""
+    return signal.SIGUSR2 in _received
+
+
 def signal_name() -> str:
     return signal.Signals(_received[0]).name if _received else ""
 

@@ -82,7 +82,7 @@ def run(run_dir: Path, stage: str) -> int:
         return 0
     except preempt.Preempted as exc:
         # Every rank saved its part of the checkpoint; rank 0 puts the Slurm job back in the queue.
-        requeued = preempt.requeue_slurm_job() if env.rank == 0 else None
+        requeued = preempt.requeue_slurm_job() if env.rank == 0 and preempt.requeue_wanted() else None
         print(f"[{stage}] rank {env.rank}: {exc}" + (f"; {requeued}" if requeued else ""), file=sys.stderr)
         return exc.exit_code
     except InstarError as exc:
