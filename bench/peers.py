@@ -238,7 +238,7 @@ def run_trl_grpo(work: Path, warmup: int, steps: int) -> None:
     trainer = GRPOTrainer(model=base, reward_funcs=exact, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=tok, callbacks=[timer])
     trainer.train()
-    _report("trl_grpo", timer.times, warmup, PROMPTS, 0)
+    _report("trl_grpo", timer.times, warmup, PROMPTS, 0)  # completion lengths vary: tokens not counted
 
 
 PEERS = {"plain": run_plain, "hf_trainer": run_hf_trainer, "trl_sft": run_trl_sft, "trl_dpo": run_trl_dpo,
@@ -396,7 +396,8 @@ def main() -> None:
                     res = run_peer(name, work, warmup, steps)
                 results[name].append(res)
                 print(f"{name:16s} run {i + 1}: {res['per_s']:9.1f} {res['unit']}/s, "
-                      f"{res['tokens_per_step']:.0f} tokens/step, step s "
+                      + (f"{res['tokens_per_step']:.0f} tokens/step, " if res["tokens_per_step"] else "")
+                      + f"step s "
                       f"{_mmm(res['step_s'], '{:.2f}')} ({time.perf_counter() - t0:.0f} s)", flush=True)
     section = report(results, warmup, steps, load)
     print()
