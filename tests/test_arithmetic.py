@@ -42,6 +42,10 @@ def _training_pairs(split: str, rows: list[dict]) -> list[tuple[int, int]]:
             assert chosen == str(a + b) and len(rejected) == len(chosen) and rejected.isdigit()
             assert sum(x != y for x, y in zip(chosen, rejected)) == 1  # a near miss: one digit off
             assert not (len(rejected) > 1 and rejected[0] == "0")
+        elif split == "prompts":
+            assert set(row) == {"prompt", "answer"}
+            a, b = _pair(row["prompt"])
+            assert row["answer"] == str(a + b)
         else:
             user, assistant = row["messages"]
             assert user["role"] == "user" and assistant["role"] == "assistant" and set(row) == {"messages"}
@@ -138,7 +142,7 @@ def test_max_operand():
 
 
 def test_bad_arguments_raise_data_error():
-    with pytest.raises(DataError, match="unknown split 'grpo'.*pretrain, cpt, sft, sft_steps, dpo, heldout"):
+    with pytest.raises(DataError, match="unknown split 'grpo'.*pretrain, cpt, sft, sft_steps, dpo, prompts, heldout"):
         generate_rows("grpo", 10, seed=0)
     with pytest.raises(DataError, match="max_operand >= 100"):
         generate_rows("cpt", 10, seed=0, max_operand=99)
@@ -202,7 +206,7 @@ def test_extract_answer(completion, answer):
 
 
 def test_write_arithmetic(tmp_path):
-    sizes = {"pretrain": 40, "cpt": 30, "sft": 20, "sft_steps": 10, "dpo": 10}
+    sizes = {"pretrain": 40, "cpt": 30, "sft": 20, "sft_steps": 10, "dpo": 10, "prompts": 10}
     paths = write_arithmetic(tmp_path / "data", seed=1, sizes=sizes)
     assert set(paths) == set(SPLITS)
     for split, path in paths.items():

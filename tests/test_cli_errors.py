@@ -96,7 +96,7 @@ def test_stage_tokenizer_differing_from_parent(tmp_path: Path, capsys):
     other.save_pretrained(tmp_path / "othertok")
     recipe = _small()
     recipe["stages"]["sft"]["tokenizer"] = "othertok"
-    _fails(["run", str(write_recipe(tmp_path, recipe))], capsys, "differs from parent 'pretrain'",
+    _fails(["run", str(write_recipe(tmp_path, recipe))], capsys, "differs from stage 'pretrain'",
            "Drop stages.sft.tokenizer")
 
 

@@ -36,7 +36,9 @@ def _recipe(steps: int = 8, **train) -> dict:
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    repo = str(Path(__file__).resolve().parent.parent)  # user reward functions live in tests/
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, "-m", "instar.cli", *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -233,3 +235,37 @@ def test_dpo_on_two_ranks_computes_what_one_process_does(tmp_path: Path, zero: i
     assert _losses(two, "dpo") == pytest.approx(_losses(one, "dpo"), rel=1e-4)
     for key, value in _weights(one, "dpo").items():
         torch.testing.assert_close(_weights(two, "dpo")[key], value, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_grpo_on_two_ranks_computes_what_one_process_does(tmp_path: Path, zero: int):
+    """Rollouts included: each completion has its own seeded generator, so the samples (and the
+    step) are the same whichever rank draws them. ZeRO-3 with persistence threshold 0 really
+    partitions the tiny model, which is what makes ranks' generation lengths matter."""
+    recipe = _recipe(steps=3)
+    single = {"engine": "single", "nproc_per_node": 1}
+    for stage in ("pretrain", "sft"):  # the same starting policy in both runs, bit for bit
+        recipe["stages"][stage]["distributed"] = single
+        recipe["stages"][stage]["train"]["micro_batch_size"] = 8
+    recipe["stages"]["grpo"] = {
+        "kind": "grpo", "after": ["sft"], "data": {"generate": {"split": "prompts", "rows": 64}},
+        "group_size": 4, "max_new_tokens": 6, "beta": 0.05, "epochs": 2, "temperature": 2.0,
+        "rewards": [{"fn": "tests.grpo_rewards:ones"}, {"fn": "format", "weight": 0.5}],
+        "train": {"steps": 4, "micro_batch_size": 2, "lr": 1e-2},
+    }
+    if zero == 3:
+        recipe["defaults"]["distributed"]["deepspeed_config"] = {
+            "zero_optimization": {"stage3_param_persistence_threshold": 0}}
+    path = write_recipe(tmp_path, recipe)
+    _run(["run", str(path), "--quiet", "run.name=one", "stages.grpo.distributed.engine=single",
+          "stages.grpo.distributed.nproc_per_node=1", "stages.grpo.train.micro_batch_size=4"], tmp_path)
+    _run(["run", str(path), "--quiet", "run.name=two", f"defaults.distributed.zero_stage={zero}"], tmp_path)
+    one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    m1 = [json.loads(x) for x in (one / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (two / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["completion_length"] for r in m2] == [r["completion_length"] for r in m1]
+    assert [r["reward/mean"] for r in m2] == pytest.approx([r["reward/mean"] for r in m1])
+    assert any(r["grad_norm"] > 0 for r in m1)
+    assert _losses(two, "grpo") == pytest.approx(_losses(one, "grpo"), rel=1e-4, abs=1e-6)
+    for key, value in _weights(one, "grpo").items():
+        torch.testing.assert_close(_weights(two, "grpo")[key], value, atol=5e-5, rtol=1e-4)

@@ -73,4 +73,5 @@ def test_bf16_autocast_trains(tmp_path: Path):
 def test_data_arithmetic_command(tmp_path: Path, capsys):
     assert main(["data", "arithmetic", str(tmp_path / "d")]) == 0
     names = sorted(p.name for p in (tmp_path / "d").iterdir())
-    assert names == ["cpt.jsonl", "dpo.jsonl", "heldout.jsonl", "pretrain.jsonl", "sft.jsonl", "sft_steps.jsonl"]
+    assert names == ["cpt.jsonl", "dpo.jsonl", "heldout.jsonl", "pretrain.jsonl", "prompts.jsonl", "sft.jsonl",
+                     "sft_steps.jsonl"]

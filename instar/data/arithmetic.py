@@ -10,7 +10,8 @@ Splits and row formats (one JSON object per row):
   sft        {"messages": [user "12+34", assistant "46"]}
   sft_steps  {"messages": [user "47+85", assistant worked_steps(47, 85)]}
   dpo        {"prompt": "12+34", "chosen": "46", "rejected": "48"}  a near miss: one digit changed
-  heldout    {"prompt": "12+34", "answer": "46"}   every held-out problem, sorted (also GRPO's format)
+  prompts    {"prompt": "12+34", "answer": "46"}   training prompts with answers (GRPO)
+  heldout    {"prompt": "12+34", "answer": "46"}   every held-out problem, sorted
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from pathlib import Path
 
 from instar.errors import DataError
 
-SPLITS = ("pretrain", "cpt", "sft", "sft_steps", "dpo", "heldout")
-DEFAULT_SIZES = {"pretrain": 20000, "cpt": 20000, "sft": 5000, "sft_steps": 5000, "dpo": 5000, "heldout": 0}
+SPLITS = ("pretrain", "cpt", "sft", "sft_steps", "dpo", "prompts", "heldout")
+DEFAULT_SIZES = {"pretrain": 20000, "cpt": 20000, "sft": 5000, "sft_steps": 5000, "dpo": 5000, "prompts": 5000,
+                 "heldout": 0}
 
 HELDOUT_MAX_OPERAND = 99  # the held-out rule only covers operands 0..99
 SHORT_MAX_OPERAND = 99  # default range of pretrain, sft and sft_steps
@@ -186,6 +188,8 @@ def generate_rows(split: str, rows: int, seed: int, max_operand: int | None = No
         return [_chat_row(a, b, str(a + b)) for a, b in pairs]
     if split == "dpo":
         return _dpo_rows(pairs, seed)
+    if split == "prompts":
+        return [_prompt_row(a, b) for a, b in pairs]
     return [_chat_row(a, b, worked_steps(a, b)) for a, b in pairs]
 
 

@@ -7,37 +7,9 @@ each packed document restarts its position ids and only attends within itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-IGNORE = -100
-
-
-@dataclass
-class Example:
-    """One unit of sampling. `segments` splits it into documents that are laid out together but
-    attend only within themselves (e.g. a DPO pair: chosen then rejected); empty = one document."""
-
-    input_ids: list[int]
-    targets: list[int]
-    segments: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        assert len(self.input_ids) == len(self.targets)
-        assert not self.segments or sum(self.segments) == len(self.input_ids)
-
-    @property
-    def lengths(self) -> tuple[int, ...]:
-        return self.segments or (len(self.input_ids),)
-
-
-def causal_example(ids: list[int], loss_mask: list[bool] | None = None) -> Example:
-    """Example for next-token prediction on `ids`; loss_mask[i] says whether token i is learnt."""
-    targets = ids[1:] + [IGNORE]
-    if loss_mask is not None:
-        targets = [t if loss_mask[i + 1] else IGNORE for i, t in enumerate(targets[:-1])] + [IGNORE]
-    return Example(list(ids), targets)
+from instar.data.example import IGNORE, Example, causal_example  # noqa: F401  (re-exported)
 
 
 def block_diagonal_mask(doc_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,21 +1,17 @@
 """Greedy exact-match accuracy on prompt/answer rows (the arithmetic world's held-out problems).
 
-Generation is a short hand-written greedy loop rather than `model.generate`: `generate` fills every
-option left unset with the values in the model's saved `generation_config` (repetition penalty,
-suppressed tokens, ...), so it is not guaranteed to be the plain argmax of the model's logits.
-Batches are left-padded; position ids are cumsum(attention_mask) - 1 so that a padded prompt sees
-exactly the positions it would see alone, and a test holds batched == one-by-one.
+Decoding is instar.eval.generate's hand-written greedy loop (not `model.generate`, whose saved
+generation_config may change what "greedy" means).
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from instar.data.arithmetic import extract_answer
 from instar.errors import ContractError, DataError
+from instar.eval.generate import decode, greedy_pick
 
 PROMPT_FORMATS = ("plain", "chat")
 # Enough for a 4-digit sum + EOS (plain) and for worked steps of 4-digit operands + EOS (chat).
@@ -82,71 +78,6 @@ def _stop_ids(tokenizer: PreTrainedTokenizerBase, prompt_format: str) -> list[in
     return stops
 
 
-def _left_padded(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both [batch, longest] int64, prompts aligned to the right."""
-    longest = max(len(ids) for ids in prompts)
-    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, longest - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, longest - len(ids) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
-def _trim_at_stop(ids: list[int], stop_ids: list[int]) -> list[int]:
-    """ids up to, not including, the first stop id."""
-    for position, token in enumerate(ids):
-        if token in stop_ids:
-            return ids[:position]
-    return ids
-
-
-def _returned_cache(output: object) -> object:
-    """The KV cache a forward call returned, under either of its transformers 5.x names."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
-
-
-def _greedy_batch(
-    model: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int], pad_id: int
-) -> list[list[int]]:
-    """Greedy continuations of one batch of prompts, each cut before its first stop id."""
-    device = next(model.parameters()).device
-    input_ids, attention_mask = _left_padded(prompts, pad_id, device)
-    parameters = inspect.signature(model.forward).parameters
-    # Only the last position's logits are needed; skipping the rest matters for large vocabularies.
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
-    # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns until 5.40).
-    cache_name = "cache" if "cache" in parameters else "past_key_values"
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    output = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **extra
-    )
-    next_position = position_ids[:, -1:] + 1
-    stop_tensor = torch.tensor(stop_ids, device=device)
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    steps: list[torch.Tensor] = []
-    for step in range(max_new_tokens):
-        # Rows already stopped get filler; it is cut off by _trim_at_stop.
-        token = output.logits[:, -1].argmax(-1).masked_fill(finished, pad_id)
-        steps.append(token)
-        finished |= torch.isin(token, stop_tensor)
-        if bool(finished.all()) or step + 1 == max_new_tokens:
-            break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(prompts), 1))], dim=-1)
-        output = model(
-            input_ids=token[:, None],
-            attention_mask=attention_mask,
-            position_ids=next_position,
-            **{cache_name: _returned_cache(output)},
-            use_cache=True,
-            **extra,
-        )
-        next_position = next_position + 1
-    generated = torch.stack(steps, dim=1).tolist()
-    return [_trim_at_stop(ids, stop_ids) for ids in generated]
-
-
 def greedy_generate(
     model: PreTrainedModel,
     prompts: list[list[int]],
@@ -158,18 +89,11 @@ def greedy_generate(
     """Greedy (argmax) continuations of token-id prompts, in the prompts' order.
 
     Each continuation has at most max_new_tokens ids and ends before its first stop id (the stop id
-    is not included). Prompts are batched by length to limit padding; left padding with
-    position ids cumsum(mask) - 1 makes results independent of batch_size (up to float rounding).
+    is not included). Results are independent of batch_size (up to float rounding).
     The caller sets eval mode and disables autograd.
     """
-    order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
-    results: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = _greedy_batch(model, [prompts[index] for index in chunk], max_new_tokens, stop_ids, pad_id)
-        for index, continuation in zip(chunk, batch):
-            results[index] = continuation
-    return results
+    generated = decode(model, prompts, max_new_tokens, stop_ids, pad_id, batch_size, greedy_pick)
+    return [ids[:-1] if ids and ids[-1] in stop_ids else ids for ids in generated]
 
 
 def _check_prompt_format(prompt_format: str) -> None:

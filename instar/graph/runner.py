@@ -65,9 +65,10 @@ def precheck(loaded: LoadedRecipe, plan: list[StagePlan]) -> None:
             read_rows(path, ROW_FORMATS[kind.row_format], ds.on_bad_row, ds.max_rows)
     effective = _effective_tokenizers(loaded, plan)
     for sp in pending:
-        for parent in sp.parents:
-            if effective[parent] != effective[sp.name]:
-                _check_same_tokenizer(loaded, sp.name, effective[sp.name], parent, effective[parent])
+        reference = getattr(sp.spec, "reference", None)  # dpo/grpo score with another stage's model
+        for other in [*sp.parents, *([reference] if reference else [])]:
+            if effective[other] != effective[sp.name]:
+                _check_same_tokenizer(loaded, sp.name, effective[sp.name], other, effective[other])
 
 
 def _check_same_tokenizer(loaded, stage, spec, parent, parent_spec) -> None:
@@ -76,8 +77,8 @@ def _check_same_tokenizer(loaded, stage, spec, parent, parent_spec) -> None:
 
     a, b = load_tokenizer(spec, loaded.base_dir), load_tokenizer(parent_spec, loaded.base_dir)
     if not same_vocabulary(a, b):
-        raise ContractError(f"stage '{stage}': its tokenizer '{spec}' ({len(a)} tokens) differs from parent "
-                            f"'{parent}''s tokenizer '{parent_spec}' ({len(b)} tokens); the parent's weights "
+        raise ContractError(f"stage '{stage}': its tokenizer '{spec}' ({len(a)} tokens) differs from stage "
+                            f"'{parent}''s tokenizer '{parent_spec}' ({len(b)} tokens); that stage's weights "
                             f"only fit its own vocabulary. Drop stages.{stage}.tokenizer to inherit it")
 
 

@@ -2,7 +2,7 @@
 RNG states, written atomically.
 
 Layout: `<stage>/checkpoints/step-00000100/` holding the engine's files, `loop.json` and
-`rng_rank<k>.pt`. Every rank writes into `.tmp-step-…`; rank 0 renames it into place once all
+`rng_rank<k>.pt` (and `kind_rank<k>.pt` where the kind keeps state). Every rank writes into `.tmp-step-…`; rank 0 renames it into place once all
 ranks are done, so a listed step is always complete.
 """
 
@@ -45,8 +45,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(root: Path, step: int, engine, loop_state: dict[str, Any], keep: int) -> None:
-    """Write checkpoint `step` under `root` (every rank calls) and keep the newest `keep`."""
+def save_checkpoint(root: Path, step: int, engine, loop_state: dict[str, Any], keep: int,
+                    kind_state: dict[str, Any] | None = None) -> None:
+    """Write checkpoint `step` under `root` (every rank calls) and keep the newest `keep`.
+    `kind_state` is this rank's state of the stage kind (e.g. an RL rollout being reused)."""
     tmp = root / f".tmp-{PREFIX}{step:08d}"
     if engine.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -55,6 +57,8 @@ def save_checkpoint(root: Path, step: int, engine, loop_state: dict[str, Any], k
     engine.barrier()
     engine.save(tmp)
     torch.save(rng_state(), tmp / f"rng_rank{engine.rank}.pt")
+    if kind_state is not None:
+        torch.save(kind_state, tmp / f"kind_rank{engine.rank}.pt")
     engine.barrier()
     if engine.rank == 0:
         (tmp / "loop.json").write_text(json.dumps({**loop_state, "step": step}, indent=1))
@@ -81,3 +85,8 @@ def latest_checkpoint(root: Path, key: str) -> tuple[Path, dict[str, Any]] | Non
 def load_rng(path: Path, rank: int) -> None:
     # RNG states are a ByteTensor and python ints in tuples: weights_only loading allows both.
     set_rng_state(torch.load(path / f"rng_rank{rank}.pt", weights_only=True))
+
+
+def load_kind_state(path: Path, rank: int) -> dict[str, Any] | None:
+    file = path / f"kind_rank{rank}.pt"
+    return torch.load(file, weights_only=True) if file.exists() else None

@@ -118,6 +118,19 @@ class DeepSpeedEngine(Engine):
             return torch.load(model_states, map_location="cpu", weights_only=False)["module"]
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=TAG)
 
+    @contextlib.contextmanager
+    def generation_model(self):
+        """The HF model for sampling. ZeRO-3 gathers the weights once and lifts its hooks for the
+        duration: hooked generation hangs when ranks generate different numbers of tokens, and
+        is ~4x slower even with synced_gpus (measured: ../shared/notes/cpu-testing.md)."""
+        if self.zero_stage < 3:
+            yield self.ds.module
+            return
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(self.ds) as unwrapped:
+            yield unwrapped.module
+
     def export_model(self) -> torch.nn.Module | None:
         """On rank 0, the whole model (ZeRO-3 shards gathered from every rank); None elsewhere.
         Every rank must call it."""

@@ -7,8 +7,9 @@ ZeRO across ranks.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -52,6 +53,11 @@ class Engine(ABC):
     def export_model(self) -> torch.nn.Module | None:
         """On rank 0, a whole HF model holding the current weights (for `save_pretrained` and
         eval); None on other ranks. Every rank must call it."""
+
+    @contextmanager
+    def generation_model(self) -> Iterator[torch.nn.Module]:
+        """The plain HF model for sampling (RL rollouts); every rank must enter it together."""
+        yield self.model
 
     def step_metrics(self) -> dict[str, float]:
         """Optimizer diagnostics of the last `step` for metrics.jsonl (Collage: descent quality and

@@ -18,7 +18,7 @@ from instar import __version__
 from instar.console import StageProgress, say
 from instar.data.formats import ROW_FORMATS
 from instar.data.jsonl import read_rows
-from instar.data.packing import Batcher, count_tokens
+from instar.data.packing import Batcher
 from instar.data.sampler import EpochSampler, MixtureSampler
 from instar.errors import ContractError, TrainingError
 from instar.eval.runner import Evaluator
@@ -26,7 +26,7 @@ from instar.launch.preempt import Preempted, signal_name, stop_requested
 from instar.models.export import remove_tree, write_artifact
 from instar.models.fp8 import Fp8GemmCheck
 from instar.trainer.batch import batch_layout
-from instar.trainer.checkpoint import latest_checkpoint, load_rng, save_checkpoint
+from instar.trainer.checkpoint import latest_checkpoint, load_kind_state, load_rng, save_checkpoint
 from instar.trainer.context import StageContext
 from instar.trainer.engine import build_engine, engine_class
 from instar.trainer.jsonl_log import JsonlLog
@@ -102,8 +102,8 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
     rows, skipped_rows = _read_sources(ctx, kind)
     sources, weights = kind.build_sources(tokenizer, rows)
     samplers = [EpochSampler(len(s), seed=ctx.seed + i) for i, s in enumerate(sources)]
-    batcher = Batcher(sources, MixtureSampler(samplers, weights, seed=ctx.seed), train.seq_len, train.packing,
-                      tokenizer.pad_token_id)
+    batcher = Batcher(sources, MixtureSampler(samplers, weights, seed=ctx.seed), train.seq_len,
+                      train.packing and kind.packs_rows, tokenizer.pad_token_id)
     ckpt_root = ctx.stage_dir / "checkpoints"
     resume_path, resume_state, exact = _resume_point(ctx, layout)
     if resume_path is not None and not exact:
@@ -122,6 +122,9 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
         if exact:
             engine.load(resume_path)
             load_rng(resume_path, ctx.rank)
+            kind_state = load_kind_state(resume_path, ctx.rank)
+            if kind_state is not None:
+                kind.load_state_dict(kind_state)
         batcher.load_state_dict(resume_state["batcher"])
         step, tokens = resume_state["step"], resume_state["tokens"]
         bad_in_row, skipped_steps = resume_state["bad_in_row"], resume_state["skipped_steps"]
@@ -148,28 +151,24 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
     try:
         while step < train.steps:
             t0 = time.perf_counter()
-            data_s = 0.0
-            rows_all = batcher.next_rows(layout.global_batch_size)
-            n_targets = max(1, kind.loss_denominator(rows_all))
-            n_tokens = count_tokens(rows_all)
+            rows_all = batcher.next_rows(layout.global_batch_size) if kind.needs_rows(step) else []
             mine = rows_all[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
+            work = kind.step_batches(engine, batcher, rows_all, mine, layout, step)
+            data_s = time.perf_counter() - t0 - work.generate_seconds
+            n_tokens = work.tokens
             lr = lr_at(step, train.steps, train.lr, train.warmup_ratio, train.min_lr_ratio)
             loss_sum, extra = 0.0, {}
-            data_s += time.perf_counter() - t0
-            for i in range(layout.grad_accum):
-                t_collate = time.perf_counter()
-                batch = batcher.collate(mine[i * layout.micro_batch_size:(i + 1) * layout.micro_batch_size])
-                data_s += time.perf_counter() - t_collate
+            for batch in work.batches:
                 with engine.autocast():
-                    loss, m = kind.loss(engine.model, batch, n_targets)
+                    loss, m = kind.loss(engine.model, batch, work.denominator)
                 engine.backward(loss)
                 loss_sum += float(loss.detach())
                 for key, value in m.items():
-                    extra[key] = extra.get(key, 0.0) + value / layout.grad_accum
+                    extra[key] = extra.get(key, 0.0) + value / len(work.batches)
             loss_total = engine.all_reduce_sum(loss_sum)
             grad_norm, applied = engine.step(lr, allow=math.isfinite(loss_total))
-            extra.update(engine.step_metrics())
             extra.update(fp8_check.step_metrics())
+            extra.update(engine.step_metrics())
             bad_in_row = 0 if applied else bad_in_row + 1
             skipped_steps += 0 if applied else 1
             step += 1
@@ -198,7 +197,7 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
                     "bad_in_row": bad_in_row, "skipped_steps": skipped_steps,
                     "global_batch_size": layout.global_batch_size, "world_size": ctx.world_size,
                     "engine": engine.name, "zero_stage": spec.distributed.zero_stage,
-                }, keep=train.keep_checkpoints)
+                }, keep=train.keep_checkpoints, kind_state=kind.state_dict())
             if stop:
                 raise Preempted(f"stage '{ctx.name}': stopped at step {step} on {signal_name()}, checkpoint saved")
     finally:

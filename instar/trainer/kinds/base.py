@@ -7,6 +7,7 @@ next-token cross-entropy); the shared loop does the rest. Other kinds (merge) gi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from instar.config.schema import DataSpec, Recipe, StageSpec
@@ -16,6 +17,16 @@ if TYPE_CHECKING:
 
     from instar.data.packing import Example
     from instar.trainer.context import StageContext
+
+
+@dataclass
+class StepWork:
+    """What one optimizer step trains on, on this rank."""
+
+    batches: list[dict[str, Any]]  # this rank's micro-batches
+    denominator: float  # what the step's summed loss is divided by (whole step, every rank)
+    tokens: int  # tokens the step trains on, every rank
+    generate_seconds: float = 0.0  # time spent sampling (RL rollouts), not loading data
 
 
 class StageKind(ABC):
@@ -50,6 +61,8 @@ class StageKind(ABC):
 class TrainingKind(StageKind):
     """A kind trained by the shared loop (`instar.trainer.loop`)."""
 
+    packs_rows: ClassVar[bool] = True  # whether `train.packing` may put several examples in a row
+
     def run(self) -> dict[str, Any]:
         from instar.trainer.loop import train_stage
 
@@ -61,6 +74,26 @@ class TrainingKind(StageKind):
 
     def on_train_start(self, step: int) -> None:
         """Called once before the first step (0, or the step a resumed stage continues from)."""
+
+    def needs_rows(self, step: int) -> bool:
+        """Whether step `step` draws fresh rows from the data (RL kinds reuse a rollout)."""
+        return True
+
+    def step_batches(self, engine, batcher, rows_all: list, mine: list, layout, step: int) -> StepWork:
+        """The micro-batches this rank runs for one step, from the step's global rows (`rows_all`)
+        and this rank's share of them (`mine`)."""
+        from instar.data.packing import count_tokens
+
+        mb = layout.micro_batch_size
+        batches = [batcher.collate(mine[i * mb:(i + 1) * mb]) for i in range(layout.grad_accum)]
+        return StepWork(batches, max(1, self.loss_denominator(rows_all)), count_tokens(rows_all))
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """Per-rank state to keep in checkpoints (tensors, numbers, strings), or None."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (same world size only)."""
 
     def loss_denominator(self, rows: list[list["Example"]]) -> int:
         """What the step's loss is averaged over, counted on the global batch's rows: target tokens

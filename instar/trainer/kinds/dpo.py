@@ -23,6 +23,7 @@ from pydantic import Field
 from instar.config.schema import Recipe, StageSpec
 from instar.errors import DataError
 from instar.trainer.kinds.base import TrainingKind
+from instar.trainer.kinds.reference import check_reference, load_reference_model, reference_stage
 
 LN2 = math.log(2.0)
 
@@ -88,31 +89,25 @@ class DpoKind(TrainingKind):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._reference = None
+        self._tokenizer = None
         self._check_ln2 = False
 
     @classmethod
     def check(cls, name: str, spec: DpoSpec, recipe: Recipe) -> list[str]:
-        from instar.graph.dag import ancestors
-
-        problems = super().check(name, spec, recipe)
-        if spec.reference is not None:
-            if spec.reference not in recipe.stages:
-                problems.append(f"stages.{name}.reference: '{spec.reference}' is not a stage of this recipe")
-            elif spec.reference not in ancestors(recipe.stages, name):
-                problems.append(f"stages.{name}.reference: '{spec.reference}' is not an ancestor of '{name}'; "
-                                f"the reference must finish before this stage starts (add it to `after`)")
+        problems = super().check(name, spec, recipe) + check_reference(name, spec.reference, recipe)
         if spec.loss == "redi" and spec.reference is not None:
             problems.append(f"stages.{name}.reference: loss `redi` is reference-free; drop `reference`")
         return problems
 
     @property
     def reference_stage(self) -> str:
-        return self.ctx.spec.reference or self.ctx.parents[0]
+        return reference_stage(self.ctx)
 
     def build_sources(self, tokenizer, rows_per_source):
         from instar.data.packing import Example
         from instar.trainer.kinds.sft import chat_examples
 
+        self._tokenizer = tokenizer
         seq_len = self.ctx.spec.train.seq_len
         on_bad_row = self.ctx.spec.data.on_bad_row
         examples, skipped = [], 0
@@ -145,12 +140,9 @@ class DpoKind(TrainingKind):
         self._check_ln2 = (step == 0 and spec.loss == "sigmoid" and spec.label_smoothing == 0
                            and spec.nll_coef == 0 and self.reference_stage == self.ctx.parents[0])
 
-    def _reference_model(self):
+    def _reference_model(self, policy):
         if self._reference is None:
-            from instar.models.build import load_pretrained
-
-            self._reference = load_pretrained(self.ctx.parent_model_dir(self.reference_stage)).eval()
-            self._reference.requires_grad_(False)
+            self._reference = load_reference_model(self.ctx, self._tokenizer, next(policy.parameters()).device)
         return self._reference
 
     def loss(self, model, batch, n_pairs):
@@ -164,7 +156,7 @@ class DpoKind(TrainingKind):
             ref_c = ref_r = torch.zeros_like(policy_c)
         else:
             with torch.no_grad():
-                ref_c, ref_r, _, _ = segment_logps(forward_logits(self._reference_model(), batch), batch)
+                ref_c, ref_r, _, _ = segment_logps(forward_logits(self._reference_model(model), batch), batch)
         losses, reward_c, reward_r = preference_losses(policy_c, policy_r, ref_c, ref_r, n_c, n_r, spec)
         if self._check_ln2:
             self._check_ln2 = False

@@ -1,0 +1,280 @@
+"""`grpo`: reinforcement learning from rewards on `{"prompt", "answer"}` rows (GRPO family).
+
+Each step's prompts are split across ranks; every rank samples `group_size` completions per
+prompt from the current policy (KV-cached decoding, temperature / top_p, stop at EOS), scores
+them with the stage's reward functions, and turns the rewards into group-normalised advantages.
+The rollout is then trained on for `epochs` optimizer steps with the clipped importance ratio
+against the sampling policy and, when `beta` > 0, a k3 KL penalty to the reference stage
+(the parent by default). The arithmetic lives in `instar.trainer.rl`.
+
+A rollout reused over several steps is part of the checkpoint (`kind_rank<k>.pt`), so a killed
+stage resumes mid-rollout exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from instar.config.schema import Recipe, StageSpec, Strict
+from instar.data.example import IGNORE, Example
+from instar.errors import DataError
+from instar.trainer.kinds.base import StepWork, TrainingKind
+from instar.trainer.kinds.reference import check_reference, load_reference_model, reference_stage
+
+
+class RewardSpec(Strict):
+    fn: str = "exact"  # a built-in (exact, format, reft) or `module:function`
+    weight: float = 1.0
+
+
+class GrpoSpec(StageSpec):
+    group_size: int = Field(default=8, ge=2)
+    max_new_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    beta: float = Field(default=0.0, ge=0)  # k3 KL coefficient; 0 = no reference model
+    clip_eps: float = Field(default=0.2, gt=0, lt=1)
+    clip_eps_high: float | None = Field(default=None, gt=0)  # DAPO's clip-higher; default = clip_eps
+    epochs: int = Field(default=1, ge=1)  # optimizer steps per rollout
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # none = Dr.GRPO
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec()], min_length=1)
+    reference: str | None = None  # an ancestor stage; default: the first parent
+
+    @model_validator(mode="after")
+    def _dr_grpo(self) -> "GrpoSpec":
+        if self.loss_type == "dr_grpo" and self.scale_rewards != "none":
+            raise ValueError("loss_type dr_grpo leaves advantages unscaled: set scale_rewards: none")
+        return self
+
+
+@dataclass
+class PromptExample(Example):
+    """A prompt row: its token ids (targets all ignored), text, reference answer and row number."""
+
+    prompt: str = ""
+    answer: str = ""
+    row: int = 0
+
+
+def _gather_stats(engine, values: list[float]) -> tuple[float, float, float]:
+    """(count, mean, unbiased std) of values over every rank."""
+    n = engine.all_reduce_sum(float(len(values)))
+    total = engine.all_reduce_sum(float(sum(values)))
+    sq = engine.all_reduce_sum(float(sum(v * v for v in values)))
+    mean = total / max(n, 1.0)
+    var = (sq - n * mean * mean) / max(n - 1.0, 1.0)
+    return n, mean, math.sqrt(max(var, 0.0))
+
+
+class GrpoKind(TrainingKind):
+    name = "grpo"
+    Spec = GrpoSpec
+    min_parents = 1
+    row_format = "prompt_answer"
+    needs_chat_template = True
+    packs_rows = False  # a row is one prompt; its completions are laid out by the kind
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self._tokenizer = None
+        self._reference = None
+        self._rewards = None
+        self._rollout: dict[str, Any] | None = None  # the batches being trained on, and their stats
+        self._rollout_step = -1
+
+    @classmethod
+    def check(cls, name: str, spec: GrpoSpec, recipe: Recipe) -> list[str]:
+        from instar.trainer.rewards import check_reward_name
+
+        problems = super().check(name, spec, recipe) + check_reference(name, spec.reference, recipe)
+        for i, reward in enumerate(spec.rewards):
+            problem = check_reward_name(reward.fn)
+            if problem:
+                problems.append(f"stages.{name}.rewards[{i}].fn: {problem}")
+        if spec.reference is not None and spec.beta == 0:
+            problems.append(f"stages.{name}.reference: beta is 0, so no reference is used; set beta > 0 "
+                            f"for a KL penalty or drop `reference`")
+        if spec.train.seq_len <= spec.max_new_tokens:
+            problems.append(f"stages.{name}.train.seq_len ({spec.train.seq_len}) must exceed max_new_tokens "
+                            f"({spec.max_new_tokens}) to leave room for the prompt")
+        return problems
+
+    # --- data ---
+    def build_sources(self, tokenizer, rows_per_source):
+        from instar.eval.exact_match import encode_prompt
+
+        self._tokenizer = tokenizer
+        spec = self.ctx.spec
+        room = spec.train.seq_len - spec.max_new_tokens
+        examples, skipped = [], 0
+        for i, row in enumerate(rows_per_source[0], start=1):
+            ids = encode_prompt(tokenizer, row["prompt"], "chat")
+            if len(ids) > room:
+                if spec.data.on_bad_row == "error":
+                    raise DataError(f"stage '{self.ctx.name}': prompt row {i} is {len(ids)} tokens; with "
+                                    f"max_new_tokens={spec.max_new_tokens} only {room} fit in train.seq_len="
+                                    f"{spec.train.seq_len}. Raise seq_len, lower max_new_tokens or set "
+                                    f"data.on_bad_row: skip")
+                skipped += 1
+                continue
+            examples.append(PromptExample(ids, [IGNORE] * len(ids), prompt=row["prompt"], answer=row["answer"], row=i))
+        if skipped and self.ctx.rank == 0:
+            from instar.console import say
+
+            say(f"[{self.ctx.name}] skipped {skipped} prompts too long for seq_len - max_new_tokens", self.ctx.quiet)
+        if not examples:
+            raise DataError(f"stage '{self.ctx.name}': no prompt fits; raise train.seq_len")
+        return [examples], [1.0]
+
+    # --- rollouts ---
+    def needs_rows(self, step: int) -> bool:
+        return self._rollout is None or step - self._rollout_step >= self.ctx.spec.epochs
+
+    def step_batches(self, engine, batcher, rows_all, mine, layout, step) -> StepWork:
+        fresh = self.needs_rows(step)
+        if fresh:
+            self._rollout = self._make_rollout(engine, mine, layout, step)
+            self._rollout_step = step
+        r = self._rollout
+        return StepWork(r["batches"], r["denominator"], r["tokens"], r["generate_seconds"] if fresh else 0.0)
+
+    def _sample(self, engine, prompts: list[list[int]], first: int, step: int) -> list[list[int]]:
+        """`group_size` completions of each prompt; `first` is the global index of prompts[0] in
+        the step. Every completion has its own generator seeded by (stage seed, step, prompt,
+        sample), so the rollout is the same whatever the ranks, batch split or resume point."""
+        import torch
+
+        from instar.eval.generate import decode_batch, sampling_pick
+
+        spec, tok, g = self.ctx.spec, self._tokenizer, self.ctx.spec.group_size
+        generators = [torch.Generator().manual_seed(zlib.crc32(f"{self.ctx.seed}:{step}:{first + i // g}:{i % g}"
+                                                                .encode()))
+                      for i in range(len(prompts) * g)]
+        repeated = [p for p in prompts for _ in range(g)]
+        pick = sampling_pick(spec.temperature, spec.top_p, generators)
+        with engine.generation_model() as model:
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.inference_mode(), engine.autocast():
+                    return decode_batch(model, repeated, spec.max_new_tokens, [tok.eos_token_id], tok.pad_token_id,
+                                        pick)
+            finally:
+                model.train(was_training)
+
+    def _make_rollout(self, engine, mine: list, layout, step: int) -> dict[str, Any]:
+        import torch
+
+        from instar.data.packing import collate_rows
+        from instar.trainer.rewards import RewardModel
+        from instar.trainer.rl import group_advantages
+
+        spec, tok, g = self.ctx.spec, self._tokenizer, self.ctx.spec.group_size
+        if self._rewards is None:
+            self._rewards = RewardModel(self.ctx.name, [(r.fn, r.weight) for r in spec.rewards])
+        prompts: list[PromptExample] = [ex for row in mine for ex in row]
+        t0 = time.perf_counter()
+        completions = self._sample(engine, [p.input_ids for p in prompts], self.ctx.rank * len(prompts), step)
+        generate_seconds = time.perf_counter() - t0
+
+        rewards, sequences, lengths = [], [], []
+        for i, ids in enumerate(completions):
+            p = prompts[i // g]
+            text = tok.decode(ids, skip_special_tokens=True)
+            rewards.append(self._rewards(p.row, p.prompt, text, p.answer))
+            full = p.input_ids + ids
+            targets = [IGNORE] * (len(p.input_ids) - 1) + ids + [IGNORE]
+            sequences.append(Example(full, targets))
+            lengths.append(len(ids))
+        reward_t = torch.tensor(rewards, dtype=torch.float32)
+        n_all, reward_mean, reward_std = _gather_stats(engine, rewards)
+        if spec.scale_rewards == "batch":  # the std of the whole step, all ranks
+            advantages = (reward_t - reward_t.view(-1, g).mean(1).repeat_interleave(g)) / (reward_std + 1e-4)
+        else:
+            advantages = group_advantages(reward_t, g, spec.scale_rewards)
+        flat_groups = float((reward_t.view(-1, g).std(1) == 0).sum())
+        completion_tokens = engine.all_reduce_sum(float(sum(lengths)))
+        denominator = {"grpo": n_all, "dapo": completion_tokens, "dr_grpo": n_all * spec.max_new_tokens}[spec.loss_type]
+
+        per_micro = layout.micro_batch_size * g
+        batches = []
+        for m in range(layout.grad_accum):
+            part = range(m * per_micro, (m + 1) * per_micro)
+            batch = collate_rows([[sequences[i]] for i in part], tok.pad_token_id,
+                                 max(len(sequences[i].input_ids) for i in part))
+            batch["advantages"] = advantages[m * per_micro:(m + 1) * per_micro].clone()
+            self._add_fixed_logps(engine, batch)
+            batches.append(batch)
+        stats = {
+            "reward/mean": reward_mean,
+            "reward/std": reward_std,
+            "completion_length": completion_tokens / max(n_all, 1.0),
+            "zero_std_groups": engine.all_reduce_sum(flat_groups) / max(n_all / g, 1.0),
+        }
+        tokens = int(engine.all_reduce_sum(float(sum(len(s.input_ids) for s in sequences))))
+        return {"batches": batches, "denominator": denominator, "tokens": tokens,
+                "generate_seconds": generate_seconds, "stats": stats}
+
+    def _add_fixed_logps(self, engine, batch) -> None:
+        """Log-probs that stay fixed while the rollout is trained on: the sampling policy's (only
+        needed when a rollout serves several steps; with one step ρ = 1 exactly) and the
+        reference's (only when beta > 0)."""
+        import torch
+
+        from instar.trainer.losses import forward_logits
+        from instar.trainer.rl import token_logps
+
+        spec = self.ctx.spec
+        with torch.no_grad(), engine.autocast():
+            if spec.epochs > 1:
+                batch["old_logp"] = token_logps(forward_logits(engine.model, batch), batch["targets"],
+                                                spec.temperature).float()
+            if spec.beta > 0:
+                reference = self._reference_model(engine)
+                batch["ref_logp"] = token_logps(forward_logits(reference, batch), batch["targets"],
+                                                spec.temperature).float()
+
+    def _reference_model(self, engine):
+        if self._reference is None:
+            device = next(engine.model.parameters()).device
+            self._reference = load_reference_model(self.ctx, self._tokenizer, device)
+        return self._reference
+
+    # --- objective ---
+    def loss(self, model, batch, denominator):
+        from instar.trainer.losses import forward_logits
+        from instar.trainer.rl import per_token_loss, reduce_loss, token_logps
+
+        spec = self.ctx.spec
+        logp = token_logps(forward_logits(model, batch), batch["targets"], spec.temperature)
+        old = batch.get("old_logp", logp.detach())
+        per_token, info = per_token_loss(logp, old, batch["advantages"], batch.get("ref_logp"), spec.clip_eps,
+                                         spec.beta, spec.clip_eps_high)
+        mask = batch["targets"] != IGNORE
+        loss = reduce_loss(per_token, mask, spec.loss_type, denominator)
+        n = mask.sum().clamp(min=1)
+        metrics = dict(self._rollout["stats"])
+        metrics["clip_fraction"] = float((info["clipped"] * mask).sum() / n)
+        if "kl" in info:
+            metrics["kl"] = float((info["kl"].detach() * mask).sum() / n)
+        return loss, metrics
+
+    # --- checkpoints ---
+    def state_dict(self) -> dict[str, Any] | None:
+        if self._rollout is None or self.ctx.spec.epochs == 1:
+            return None  # a one-step rollout is never reused: nothing to keep
+        return {"rollout": self._rollout, "rollout_step": self._rollout_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._rollout, self._rollout_step = state["rollout"], int(state["rollout_step"])
+
+    @property
+    def reference_stage(self) -> str:
+        return reference_stage(self.ctx)

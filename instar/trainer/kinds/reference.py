@@ -1,0 +1,44 @@
+"""The frozen reference model of dpo and grpo stages: the first parent by default, or any
+ancestor named by `reference`."""
+
+from __future__ import annotations
+
+from instar.config.schema import Recipe
+from instar.errors import ContractError
+
+
+def check_reference(name: str, reference: str | None, recipe: Recipe) -> list[str]:
+    """Problems with a stage's `reference` setting (found at validate time)."""
+    from instar.graph.dag import ancestors
+
+    if reference is None:
+        return []
+    if reference not in recipe.stages:
+        return [f"stages.{name}.reference: '{reference}' is not a stage of this recipe"]
+    if reference not in ancestors(recipe.stages, name):
+        return [f"stages.{name}.reference: '{reference}' is not an ancestor of '{name}'; "
+                f"the reference must finish before this stage starts (add it to `after`)"]
+    return []
+
+
+def reference_stage(ctx) -> str:
+    return ctx.spec.reference or ctx.parents[0]
+
+
+def load_reference_model(ctx, tokenizer, device):
+    """The reference stage's weights, frozen, in eval mode, on `device`; its vocabulary must be
+    the stage's (log-probs of different token ids cannot be compared)."""
+    from transformers import AutoTokenizer
+
+    from instar.models.build import load_pretrained
+    from instar.trainer.setup import same_vocabulary
+
+    stage = reference_stage(ctx)
+    model_dir = ctx.parent_model_dir(stage)
+    if not same_vocabulary(AutoTokenizer.from_pretrained(model_dir, local_files_only=True), tokenizer):
+        raise ContractError(f"stage '{ctx.name}': reference stage '{stage}' uses another tokenizer; the "
+                            f"reference must share the policy's vocabulary. Name another stage in "
+                            f"stages.{ctx.name}.reference")
+    model = load_pretrained(model_dir).to(device).eval()
+    model.requires_grad_(False)
+    return model
