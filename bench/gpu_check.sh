@@ -51,7 +51,8 @@ step gpu-tests $PY -m pytest -q -m gpu tests -p no:cacheprovider --continue-on-c
 # target >= 3x), fused linear + CE memory (target <= 0.3x of HF) and speed.
 step kernels $PY bench/kernels.py --gpu --no-cpu --no-results --out "$RESULTS"
 
-# (Collage: the optimizer's HBM-bandwidth benchmark goes here, as one more `step` line.)
+# Collage AdamW's fused step: achieved HBM bandwidth, light and plus (target >= 80 % of the peak).
+step collage-bandwidth $PY bench/collage_bandwidth.py --out "$RESULTS"
 
 echo "results in $RESULTS (summary.txt); exit $status"
 exit $status
