@@ -146,3 +146,22 @@ def test_overlong_pair_and_unknown_reference(tmp_path: Path, capsys):
     recipe["stages"]["dpo"]["reference"] = "nope"
     assert main(["validate", str(write_recipe(tmp_path, recipe))]) == 2
     assert "stages.dpo.reference: 'nope' is not a stage" in capsys.readouterr().err
+
+
+def test_cached_reference_log_probs_equal_on_the_fly(tmp_path: Path):
+    """One no-grad pass over the data, saved under the stage and keyed by the reference's fingerprint,
+    gives the same training as computing the reference on every batch (packed rows included)."""
+    recipe = _dpo_recipe()
+    recipe["stages"]["dpo"]["train"] = {"steps": 4, "micro_batch_size": 2, "grad_accum": 2}
+    path = write_recipe(tmp_path, recipe)
+    run_recipe(load_recipe(path, ["run.name=cached"]), quiet=True)
+    cache = list((tmp_path / "runs/cached/dpo/reference_logps").glob("sft-*.pt"))
+    assert len(cache) == 1 and torch.load(cache[0], weights_only=True).shape == (64, 2)
+    run_recipe(load_recipe(path, ["run.name=fly", "stages.dpo.reference_logps=on_the_fly"]), quiet=True)
+    assert not (tmp_path / "runs/fly/dpo/reference_logps").exists()
+    cached, fly = (
+        [json.loads(x) for x in (tmp_path / f"runs/{name}/dpo/metrics.jsonl").read_text().splitlines()]
+        for name in ("cached", "fly"))
+    for a, b in zip(cached, fly):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], rel=1e-4, abs=1e-6)

@@ -10,7 +10,9 @@ completion tokens; see ../shared/notes/algorithms.md):
 
 Chosen and rejected go through one forward: they are one example with two segments that do not
 attend to each other. The reference is the parent stage unless `reference` names another
-ancestor; its log-probs are computed on the same batch without gradients.
+ancestor. Its log-probs are computed once for the whole dataset and cached on disk
+(`reference_logps: cached`, see instar.trainer.reference_cache) or on each batch without
+gradients (`on_the_fly`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+from dataclasses import dataclass
+
 from pydantic import Field
 
 from instar.config.schema import Recipe, StageSpec
+from instar.data.example import Example
 from instar.errors import DataError
-from instar.trainer.kinds.base import TrainingKind
+from instar.trainer.kinds.base import StepWork, TrainingKind
 from instar.trainer.kinds.reference import check_reference, load_reference_model, reference_stage
 
 LN2 = math.log(2.0)
@@ -35,6 +40,14 @@ class DpoSpec(StageSpec):
     alpha: float = Field(default=0.8, ge=0)  # REDI: weight of the rejected term
     nll_coef: float = Field(default=0.0, ge=0)
     reference: str | None = None  # an ancestor stage; default: the first parent
+    reference_logps: Literal["cached", "on_the_fly"] = "cached"
+
+
+@dataclass
+class PairExample(Example):
+    """A (chosen, rejected) pair laid out as two segments; `index` is its place in the dataset."""
+
+    index: int = 0
 
 
 def preference_losses(policy_c, policy_r, ref_c, ref_r, n_c, n_r, spec) -> tuple:
@@ -91,6 +104,8 @@ class DpoKind(TrainingKind):
         self._reference = None
         self._tokenizer = None
         self._check_ln2 = False
+        self._examples: list[PairExample] = []
+        self._ref_cache = None  # [pairs, 2] reference log-probs, when cached
 
     @classmethod
     def check(cls, name: str, spec: DpoSpec, recipe: Recipe) -> list[str]:
@@ -104,7 +119,6 @@ class DpoKind(TrainingKind):
         return reference_stage(self.ctx)
 
     def build_sources(self, tokenizer, rows_per_source):
-        from instar.data.packing import Example
         from instar.trainer.kinds.sft import chat_examples
 
         self._tokenizer = tokenizer
@@ -122,13 +136,33 @@ class DpoKind(TrainingKind):
                                     f"more than train.seq_len={seq_len}; raise seq_len or set data.on_bad_row: skip")
                 skipped += 1
                 continue
-            examples.append(Example(chosen.input_ids + rejected.input_ids, chosen.targets + rejected.targets,
-                                    segments=(len(chosen.input_ids), len(rejected.input_ids))))
+            examples.append(PairExample(chosen.input_ids + rejected.input_ids, chosen.targets + rejected.targets,
+                                        segments=(len(chosen.input_ids), len(rejected.input_ids)),
+                                        index=len(examples)))
         if skipped and self.ctx.rank == 0:
             from instar.console import say
 
             say(f"[{self.ctx.name}] skipped {skipped} preference rows longer than seq_len", self.ctx.quiet)
+        self._examples = examples
         return [examples], [1.0]
+
+    def step_batches(self, engine, batcher, rows_all, mine, layout, step) -> StepWork:
+        """The default micro-batches, plus each pair's cached reference log-probs in the order
+        `segment_logps` returns pairs (row by row, left to right)."""
+        work = super().step_batches(engine, batcher, rows_all, mine, layout, step)
+        if self.ctx.spec.loss == "redi" or self.ctx.spec.reference_logps != "cached":
+            return work
+        if self._ref_cache is None:
+            from instar.trainer.reference_cache import cached_pair_logps
+
+            self._ref_cache = cached_pair_logps(self.ctx, engine, self.reference_stage,
+                                                lambda: self._reference_model(engine.model), self._examples,
+                                                self._tokenizer.pad_token_id)
+        mb = layout.micro_batch_size
+        for i, batch in enumerate(work.batches):
+            index = [ex.index for row in mine[i * mb:(i + 1) * mb] for ex in row]
+            batch["ref_logps"] = self._ref_cache[index]
+        return work
 
     def loss_denominator(self, rows) -> int:
         from instar.data.packing import count_examples
@@ -154,6 +188,8 @@ class DpoKind(TrainingKind):
         spec = self.ctx.spec
         if spec.loss == "redi":
             ref_c = ref_r = torch.zeros_like(policy_c)
+        elif "ref_logps" in batch:
+            ref_c, ref_r = batch["ref_logps"].to(policy_c).unbind(-1)
         else:
             with torch.no_grad():
                 ref_c, ref_r, _, _ = segment_logps(forward_logits(self._reference_model(model), batch), batch)

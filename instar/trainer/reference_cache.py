@@ -1,0 +1,61 @@
+"""Reference log-probs of every preference pair, computed once and kept on disk.
+
+The reference model is frozen, so its summed log-probs of each pair's chosen and rejected
+completions never change during a stage: computing them once (one no-grad pass over the data)
+saves a forward per micro-batch. The file is keyed by the reference artifact's fingerprint, the
+data's hash and the sequence layout, so a changed reference or dataset never reuses stale values,
+and a re-run or resumed stage reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from instar.models.export import read_meta
+
+
+def cache_path(ctx, reference: str) -> Path:
+    meta = read_meta(ctx.parent_model_dir(reference)) or {}
+    key = json.dumps({"reference": meta.get("fingerprint"), "data": ctx.data_hashes,
+                      "seq_len": ctx.spec.train.seq_len}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return ctx.stage_dir / "reference_logps" / f"{reference}-{digest}.pt"
+
+
+def pair_logps(model, examples: list, pad_id: int, batch_size: int = 32) -> torch.Tensor:
+    """[N, 2] summed log-probs (chosen, rejected) of each two-segment example under `model`."""
+    from instar.data.packing import collate_rows
+    from instar.trainer.kinds.dpo import segment_logps
+    from instar.trainer.losses import forward_logits
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            rows = [[ex] for ex in examples[start:start + batch_size]]
+            batch = collate_rows(rows, pad_id, max(len(r[0].input_ids) for r in rows))
+            batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+            chosen, rejected, _, _ = segment_logps(forward_logits(model, batch), batch)
+            out.append(torch.stack([chosen, rejected], dim=-1).float().cpu())
+    return torch.cat(out)
+
+
+def cached_pair_logps(ctx, engine, reference: str, load_model, examples: list, pad_id: int) -> torch.Tensor:
+    """The [N, 2] reference log-probs of `examples`, from the cache file or computed by rank 0
+    (the other ranks wait, then read the file)."""
+    path = cache_path(ctx, reference)
+    if ctx.rank == 0 and not path.exists():
+        values = pair_logps(load_model(), examples, pad_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(values, tmp)
+        os.replace(tmp, path)
+    engine.barrier()
+    values = torch.load(path, weights_only=True)
+    if values.shape != (len(examples), 2):
+        raise RuntimeError(f"{path} holds {tuple(values.shape)} values for {len(examples)} pairs; delete it")
+    return values
