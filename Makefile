@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean system-deps slurm-up slurm-down bench-pipeline bench-zero bench-zero-quick
+.PHONY: demo test setup clean system-deps slurm-up slurm-down bench-pipeline bench-zero bench-zero-quick docker-test
 
 setup: $(STAMP)
 
@@ -37,6 +37,12 @@ slurm-up:
 
 slurm-down:
 	scripts/slurm-cluster.sh down
+
+# Builds docker/Dockerfile.cpu on a Debian image made here with debootstrap and runs the tiny
+# pipeline inside it (root: installs docker.io/debootstrap, starts and stops dockerd). Slow, so
+# not in `make test`; README "Run in Docker" has its measured time.
+docker-test: $(STAMP)
+	$(BIN)/python -m pytest -q -s -m docker tests/test_docker.py
 
 clean:
 	rm -rf $(VENV) runs
