@@ -165,3 +165,16 @@ def test_cached_reference_log_probs_equal_on_the_fly(tmp_path: Path):
     for a, b in zip(cached, fly):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], rel=1e-4, abs=1e-6)
+
+
+def test_on_policy_negatives_come_from_the_parent_model(tmp_path: Path):
+    recipe = _dpo_recipe()
+    recipe["stages"]["dpo"]["negatives"] = {"samples": 2, "max_new_tokens": 4, "temperature": 1.0}
+    recipe["stages"]["dpo"]["train"] = {"steps": 2}
+    path = write_recipe(tmp_path, recipe)
+    run_recipe(load_recipe(path), quiet=True)
+    data = [json.loads(x) for x in next((tmp_path / "runs/t/data").glob("arithmetic-dpo-*.jsonl")).read_text().splitlines()]
+    pairs = [json.loads(x) for x in (tmp_path / "runs/t/dpo/pairs.jsonl").read_text().splitlines()]
+    assert [p["prompt"] for p in pairs] == [d["prompt"] for d in data]  # a barely trained sft errs on all
+    assert all(p["chosen"] == d["chosen"] and p["rejected"] != p["chosen"] for p, d in zip(pairs, data))
+    assert sum(p["rejected"] != d["rejected"] for p, d in zip(pairs, data)) > len(data) // 2  # sampled, not near-miss

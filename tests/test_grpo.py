@@ -135,6 +135,9 @@ def test_grpo_raises_its_reward_and_logs_its_metrics(learned):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(run_dir / "grpo" / "model")
+    rollouts = [json.loads(x) for x in (run_dir / "grpo" / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 6 * 4 and {r["step"] for r in rollouts} == {1, 3, 5, 7, 9, 11}  # a rollout per 2 steps
+    assert all(len(r["completions"]) == 8 and len(r["rewards"]) == 8 for r in rollouts)
 
 
 def test_grpo_resumes_mid_rollout_to_identical_weights(learned, tmp_path):
@@ -154,6 +157,7 @@ def test_grpo_resumes_mid_rollout_to_identical_weights(learned, tmp_path):
     for key, value in want.items():
         assert torch.equal(got[key], value), key
     assert [r["loss"] for r in _metrics(copy)] == [r["loss"] for r in _metrics(run_dir)]
+    assert (copy / "grpo" / "rollouts.jsonl").read_text() == (run_dir / "grpo" / "rollouts.jsonl").read_text()
 
 
 def test_accumulation_split_gives_the_same_step(tmp_path):

@@ -17,13 +17,11 @@ Splits and row formats (one JSON object per row):
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
+from instar.data.jsonl import write_rows
 from instar.errors import DataError
 
 SPLITS = ("pretrain", "cpt", "sft", "sft_steps", "dpo", "prompts", "heldout")
@@ -215,22 +213,6 @@ def _merged_sizes(sizes: dict[str, int] | None) -> dict[str, int]:
     return {**DEFAULT_SIZES, **(sizes or {})}
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    """Write rows as UTF-8 JSON lines ending in "\\n"; readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", newline="\n", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
 def write_arithmetic(out_dir: Path, seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, Path]:
     """Write `<split>.jsonl` for every split into out_dir and return split -> path.
 
@@ -242,5 +224,5 @@ def write_arithmetic(out_dir: Path, seed: int = 0, sizes: dict[str, int] | None 
     paths: dict[str, Path] = {}
     for split in SPLITS:
         paths[split] = out_dir / f"{split}.jsonl"
-        _write_jsonl_atomic(paths[split], generate_rows(split, counts[split], seed))
+        write_rows(paths[split], generate_rows(split, counts[split], seed))
     return paths

@@ -1,8 +1,10 @@
-"""Read JSONL rows with errors that name file:line, or skip bad rows and count them."""
+"""Read JSONL rows with errors that name file:line, or skip bad rows and count them; write rows atomically."""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,3 +66,19 @@ def read_rows(path: Path, row_model: type[BaseModel], on_bad_row: str = "error",
     if not out.rows:
         raise DataError(f"{path}: no usable rows (skipped {out.skipped}; first problem: {out.first_skip})")
     return out
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Write rows as UTF-8 JSON lines ending in "\\n"; readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", newline="\n", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise

@@ -24,13 +24,22 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
-from instar.config.schema import Recipe, StageSpec
+from instar.config.schema import Recipe, StageSpec, Strict
 from instar.data.example import Example
 from instar.errors import DataError
 from instar.trainer.kinds.base import StepWork, TrainingKind
 from instar.trainer.kinds.reference import check_reference, load_reference_model, reference_stage
 
 LN2 = math.log(2.0)
+
+
+class OnPolicyNegatives(Strict):
+    """Replace each row's `rejected` by a wrong answer sampled from the stage's starting model."""
+
+    samples: int = Field(default=4, ge=1)  # completions drawn per prompt
+    temperature: float = Field(default=1.0, gt=0)
+    max_new_tokens: int = Field(default=16, ge=1)
+    only_mistakes: bool = False  # drop rows the model always got right (else keep the data's rejected)
 
 
 class DpoSpec(StageSpec):
@@ -41,6 +50,7 @@ class DpoSpec(StageSpec):
     nll_coef: float = Field(default=0.0, ge=0)
     reference: str | None = None  # an ancestor stage; default: the first parent
     reference_logps: Literal["cached", "on_the_fly"] = "cached"
+    negatives: OnPolicyNegatives | None = None  # on-policy rejected answers
 
 
 @dataclass
@@ -124,8 +134,9 @@ class DpoKind(TrainingKind):
         self._tokenizer = tokenizer
         seq_len = self.ctx.spec.train.seq_len
         on_bad_row = self.ctx.spec.data.on_bad_row
+        rows = self._with_policy_negatives(tokenizer, rows_per_source[0])
         examples, skipped = [], 0
-        for i, row in enumerate(rows_per_source[0], start=1):
+        for i, row in enumerate(rows, start=1):
             prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
             convs = [{"messages": [*prompt, {"role": "assistant", "content": row[k]}]} for k in ("chosen", "rejected")]
             chosen, rejected = chat_examples(tokenizer, convs, "last_turn")
@@ -145,6 +156,28 @@ class DpoKind(TrainingKind):
             say(f"[{self.ctx.name}] skipped {skipped} preference rows longer than seq_len", self.ctx.quiet)
         self._examples = examples
         return [examples], [1.0]
+
+    def _with_policy_negatives(self, tokenizer, rows: list[dict]) -> list[dict]:
+        cfg = self.ctx.spec.negatives
+        if cfg is None:
+            return rows
+        from instar.console import say
+        from instar.models.build import load_pretrained
+        from instar.trainer.on_policy import policy_negatives
+
+        model = load_pretrained(self.ctx.parent_model_dir(self.ctx.parents[0]))
+        rows, replaced = policy_negatives(model, tokenizer, rows, cfg, self.ctx.seed)
+        say(f"[{self.ctx.name}] on-policy negatives: {replaced} rows got a rejected answer sampled from "
+            f"'{self.ctx.parents[0]}'; {len(rows)} rows in all (see pairs.jsonl)", self.ctx.quiet or self.ctx.rank != 0)
+        if self.ctx.rank == 0:  # the pairs actually trained on, for inspection (and controls)
+            from instar.data.jsonl import write_rows
+
+            write_rows(self.ctx.stage_dir / "pairs.jsonl", rows)
+        if not rows:
+            raise DataError(f"stage '{self.ctx.name}': '{self.ctx.parents[0]}' answered every prompt right in "
+                            f"{cfg.samples} samples, so only_mistakes left no pair; raise negatives.temperature "
+                            f"or negatives.samples, or set only_mistakes: false")
+        return rows
 
     def step_batches(self, engine, batcher, rows_all, mine, layout, step) -> StepWork:
         """The default micro-batches, plus each pair's cached reference log-probs in the order

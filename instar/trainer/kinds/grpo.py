@@ -8,7 +8,8 @@ against the sampling policy and, when `beta` > 0, a k3 KL penalty to the referen
 (the parent by default). The arithmetic lives in `instar.trainer.rl`.
 
 A rollout reused over several steps is part of the checkpoint (`kind_rank<k>.pt`), so a killed
-stage resumes mid-rollout exactly.
+stage resumes mid-rollout exactly. `rollouts.jsonl` lists every prompt drawn (step, row, prompt,
+answer) and, for rank 0's prompts, the sampled completions and their rewards.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class GrpoKind(TrainingKind):
         self._rewards = None
         self._rollout: dict[str, Any] | None = None  # the batches being trained on, and their stats
         self._rollout_step = -1
+        self._log = None  # rollouts.jsonl (rank 0)
+        self._samples: list[tuple[str, float]] = []  # this rank's last (completion, reward) pairs
 
     @classmethod
     def check(cls, name: str, spec: GrpoSpec, recipe: Recipe) -> list[str]:
@@ -137,11 +140,33 @@ class GrpoKind(TrainingKind):
     def needs_rows(self, step: int) -> bool:
         return self._rollout is None or step - self._rollout_step >= self.ctx.spec.epochs
 
+    def on_train_start(self, step: int) -> None:
+        if self.ctx.rank == 0:
+            from instar.trainer.jsonl_log import JsonlLog
+
+            self._log = JsonlLog(self.ctx.stage_dir / "rollouts.jsonl")
+            if step:
+                self._log.rewind_to(step)
+            else:
+                self._log.reset()
+
+    def _log_rollout(self, rows_all: list, mine: list, step: int) -> None:
+        g = self.ctx.spec.group_size
+        own = {id(ex): i for i, ex in enumerate(ex for row in mine for ex in row)}
+        for ex in (ex for row in rows_all for ex in row):
+            record = {"step": step + 1, "row": ex.row, "prompt": ex.prompt, "answer": ex.answer}
+            if id(ex) in own:
+                samples = self._samples[own[id(ex)] * g:(own[id(ex)] + 1) * g]
+                record.update(completions=[c for c, _ in samples], rewards=[r for _, r in samples])
+            self._log.write(record)
+
     def step_batches(self, engine, batcher, rows_all, mine, layout, step) -> StepWork:
         fresh = self.needs_rows(step)
         if fresh:
             self._rollout = self._make_rollout(engine, mine, layout, step)
             self._rollout_step = step
+            if self._log is not None:
+                self._log_rollout(rows_all, mine, step)
         r = self._rollout
         return StepWork(r["batches"], r["denominator"], r["tokens"], r["generate_seconds"] if fresh else 0.0)
 
@@ -185,10 +210,12 @@ class GrpoKind(TrainingKind):
         generate_seconds = time.perf_counter() - t0
 
         rewards, sequences, lengths = [], [], []
+        self._samples = []
         for i, ids in enumerate(completions):
             p = prompts[i // g]
             text = tok.decode(ids, skip_special_tokens=True)
             rewards.append(self._rewards(p.row, p.prompt, text, p.answer))
+            self._samples.append((text, rewards[-1]))
             full = p.input_ids + ids
             targets = [IGNORE] * (len(p.input_ids) - 1) + ids + [IGNORE]
             sequences.append(Example(full, targets))
