@@ -105,3 +105,24 @@ def test_packed_batch_equals_one_by_one(attn):
             n = len(ex.input_ids)
             torch.testing.assert_close(logits[offset: offset + n], alone, atol=1e-5, rtol=1e-5)
             offset += n
+
+
+def test_sft_truncation_policies():
+    from instar.trainer.kinds.sft import fit_length
+
+    tok = build_char_tokenizer()
+    convs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+             for q, a in [("1+2", "3"), ("40+41+1111+2222", "3414")]]
+    short, long = chat_examples(tok, convs, "assistant")
+    n = len(short.input_ids)
+    assert len(long.input_ids) > n
+    kept, over = fit_length([short, long], n, "keep_start", "s")
+    assert over == 1 and kept[1].input_ids == long.input_ids[:n] and kept[1].targets[-1] == IGNORE
+    assert kept[1].targets[:-1] == long.targets[:n - 1]
+    kept, _ = fit_length([short, long], n, "keep_end", "s")
+    assert kept[1].input_ids == long.input_ids[-n:] and kept[1].targets == long.targets[-n:]
+    answer = [t for t in long.targets if t != IGNORE]
+    assert [t for t in kept[1].targets if t != IGNORE] == answer  # the answer and its EOS survive
+    assert fit_length([short, long], n, "drop", "s") == ([short], 1)
+    with pytest.raises(DataError, match="conversation 2 is .* tokens, more than train.seq_len"):
+        fit_length([short, long], n, "error", "s")
