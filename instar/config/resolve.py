@@ -6,7 +6,7 @@ from typing import Any
 
 from instar.config.schema import Recipe, StageSpec
 
-INHERITED = ("train", "eval", "optimizer", "precision", "fp8", "kernels", "distributed")
+INHERITED = ("train", "eval", "optimizer", "precision", "fp8", "kernels", "distributed", "logging")
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -150,10 +150,27 @@ class Fp8Config(Strict):
     amax_history_len: int = Field(default=16, gt=0)
 
 
+class WandbConfig(Strict):
+    """Weights & Biases, offline: the run is written under `<run_dir>/wandb/` and can be uploaded
+    later with `wandb sync`; nothing is sent while training."""
+
+    project: str = "instar"
+    mode: Literal["offline"] = "offline"
+
+
+class LoggingConfig(Strict):
+    """Where rank 0 mirrors each step's metrics.jsonl record (and eval results), tagged
+    `<stage>/<metric>`, besides metrics.jsonl itself. Never part of a fingerprint."""
+
+    tensorboard: bool = False  # event files under <run_dir>/tensorboard/<stage>/
+    wandb: WandbConfig | None = None
+
+
 # Fields that change how a stage is observed or laid out on ranks, but not what it computes;
 # kept out of fingerprints. (The global batch, which topology can change, is fingerprinted
 # separately, resolved.)
 COSMETIC_TRAIN_FIELDS = ("log_every", "checkpoint_every", "keep_checkpoints", "grad_accum", "global_batch_size")
+COSMETIC_SECTIONS = ("logging",)  # whole stage sections that only change how a run is observed
 TOPOLOGY_FIELDS = ("engine", "zero_stage", "nproc_per_node", "nnodes", "rdzv_endpoint", "offload_optimizer",
                    "offload_param")
 
@@ -166,6 +183,7 @@ class Defaults(Strict):
     fp8: Fp8Config = Fp8Config()
     kernels: KernelsConfig = KernelsConfig()
     distributed: DistributedConfig = DistributedConfig()
+    logging: LoggingConfig = LoggingConfig()
 
 
 class StageSpec(Strict):
@@ -182,6 +200,7 @@ class StageSpec(Strict):
     fp8: Fp8Config | None = None
     kernels: KernelsConfig | None = None
     distributed: DistributedConfig | None = None
+    logging: LoggingConfig | None = None
 
 
 class Recipe(Strict):

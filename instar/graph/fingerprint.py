@@ -2,7 +2,7 @@
 
 fingerprint = sha256(kind, name, resolved config, run seed, the parents' fingerprints,
 the content hashes of every data file it reads, the global batch, and for root stages the model
-section). Settings that only change how a run is observed (log cadence) or laid out on ranks
+section). Settings that only change how a run is observed (log cadence, `logging`) or laid out on ranks
 (engine, ZeRO stage, ranks, accumulation for a fixed global batch) are left out: they change
 float rounding, not what is computed.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from instar.config.schema import COSMETIC_TRAIN_FIELDS, TOPOLOGY_FIELDS, Recipe, StageSpec
+from instar.config.schema import COSMETIC_SECTIONS, COSMETIC_TRAIN_FIELDS, TOPOLOGY_FIELDS, Recipe, StageSpec
 
 
 def stage_fingerprint(name: str, spec: StageSpec, recipe: Recipe, parent_fingerprints: list[str],
@@ -24,6 +24,8 @@ def stage_fingerprint(name: str, spec: StageSpec, recipe: Recipe, parent_fingerp
         (config.get("train") or {}).pop(field, None)
     for field in TOPOLOGY_FIELDS:
         (config.get("distributed") or {}).pop(field, None)
+    for section in COSMETIC_SECTIONS:
+        config.pop(section, None)
     payload = {
         "global_batch": global_batch,
         "name": name,

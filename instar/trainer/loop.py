@@ -29,7 +29,9 @@ from instar.trainer.batch import batch_layout
 from instar.trainer.checkpoint import latest_checkpoint, load_kind_state, load_rng, save_checkpoint
 from instar.trainer.context import StageContext
 from instar.trainer.engine import build_engine, engine_class
+from instar.trainer.flops import MfuMeter, cuda_device_name
 from instar.trainer.jsonl_log import JsonlLog
+from instar.trainer.metric_mirrors import MetricMirrors, check_available
 from instar.trainer.schedule import lr_at
 from instar.trainer.setup import stage_model, stage_tokenizer
 from instar.trainer.single_engine import load_weights
@@ -97,8 +99,12 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
     main = ctx.rank == 0
     quiet = ctx.quiet or not main
     layout = batch_layout(train, ctx.world_size, ctx.name)
+    check_available(spec.logging, ctx.name)
     tokenizer = stage_tokenizer(ctx, kind.needs_chat_template)
     model = stage_model(ctx, tokenizer)
+    mfu = MfuMeter(model, train.seq_len, ctx.world_size, spec.precision == "fp8", cuda_device_name())
+    if mfu.note:
+        say(f"[{ctx.name}] {mfu.note}", quiet)
     rows, skipped_rows = _read_sources(ctx, kind)
     sources, weights = kind.build_sources(tokenizer, rows)
     samplers = [EpochSampler(len(s), seed=ctx.seed + i) for i, s in enumerate(sources)]
@@ -141,6 +147,9 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
             eval_log.reset()
         torch.manual_seed(ctx.seed)
     engine.barrier()
+    mirrors = MetricMirrors(spec.logging, ctx.run_dir, ctx.name, main=main,
+                            resume_step=step if resume_path is not None else None,
+                            config=spec.model_dump(mode="json"), fingerprint=ctx.fingerprint)
 
     per_rank = layout.micro_batch_size * layout.grad_accum
     kind.on_train_start(step)
@@ -175,9 +184,11 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
             tokens += n_tokens
             dt = time.perf_counter() - t0
             if main:
-                metrics_log.write({"step": step, "loss": loss_total, "lr": lr, "grad_norm": grad_norm,
-                                   "tokens": tokens, "tokens_per_s": n_tokens / dt, "skipped": not applied,
-                                   "data_share": data_s / dt, "peak_mem_mb": peak_memory_mb(), **extra})
+                record = {"step": step, "loss": loss_total, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                          "tokens_per_s": n_tokens / dt, "skipped": not applied, "data_share": data_s / dt,
+                          "peak_mem_mb": peak_memory_mb(), **mfu.step_metrics(n_tokens, dt), **extra}
+                metrics_log.write(record)
+                mirrors.write(record)
             if bad_in_row >= train.max_bad_steps:
                 raise TrainingError(f"stage '{ctx.name}': {bad_in_row} optimizer steps in a row had a non-finite "
                                     f"loss or gradient (last at step {step}); lower stages.{ctx.name}.train.lr "
@@ -188,7 +199,9 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
             if spec.eval.every and step % spec.eval.every == 0 and step < train.steps and evaluator.enabled:
                 full = engine.export_model()
                 if main:
-                    eval_log.write(evaluator(full, step))
+                    result = evaluator(full, step)
+                    eval_log.write(result)
+                    mirrors.write(result)
                 engine.barrier()
             stop = step < train.steps and stop_requested(engine)  # preemption: all ranks agree
             if (train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps) or stop:
@@ -200,6 +213,9 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
                 }, keep=train.keep_checkpoints, kind_state=kind.state_dict())
             if stop:
                 raise Preempted(f"stage '{ctx.name}': stopped at step {step} on {signal_name()}, checkpoint saved")
+    except BaseException:
+        mirrors.close()  # flush what was mirrored before the failure or preemption
+        raise
     finally:
         progress.close()
 
@@ -209,6 +225,8 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
         final_eval = evaluator(full, step) if evaluator.enabled else {}
         if final_eval:
             eval_log.write(final_eval)
+            mirrors.write(final_eval)
+        mirrors.close()
         final = {
             "steps": step,
             "tokens": tokens,
