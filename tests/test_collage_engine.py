@@ -93,12 +93,16 @@ def test_deepspeed_config_keeps_no_fp32_masters(tmp_path: Path, stage: int):
         assert bf16 == {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
 
 
-def test_fp32_grad_accumulation_is_refused(tmp_path: Path):
+def test_configs_that_keep_fp32_masters_are_refused(tmp_path: Path):
     spec = _spec(tmp_path, 1, "defaults.distributed.deepspeed_config.data_types.grad_accum_dtype=fp32")
     with pytest.raises(RecipeError, match="grad_accum_dtype='fp32' with precision 'collage-plus'.*fp32 master"):
         deepspeed_config(spec, batch_layout(spec.train, 2), "pretrain")
     spec = _spec(tmp_path, 2, "defaults.distributed.deepspeed_config.bf16.bf16_master_weights_and_grads=false")
     with pytest.raises(RecipeError, match="contradicts the recipe"):
+        deepspeed_config(spec, batch_layout(spec.train, 2), "pretrain")
+    # ZeRO-0 with DeepSpeed's bf16 on would swap fp32 master copies into the optimizer.
+    spec = _spec(tmp_path, 0, "defaults.distributed.deepspeed_config.bf16.enabled=true")
+    with pytest.raises(RecipeError, match=r"bf16.enabled=True contradicts the recipe, which gives False"):
         deepspeed_config(spec, batch_layout(spec.train, 2), "pretrain")
 
 
