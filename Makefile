@@ -64,10 +64,17 @@ bench-zero-quick: $(STAMP)
 # hand-written DeepSpeed ZeRO-2 loop on the same model, data and batch: a table of ratios, then the
 # full ZeRO-1/2/3 comparison; both write their sections of bench/RESULTS.md (3 runs each).
 .PHONY: bench bench-quick
-bench: $(STAMP)
+bench: $(STAMP) bench-data
 	$(BIN)/python bench/peers.py
 	$(BIN)/python bench/zero.py
+
+# Pretraining data loading in one process: memmap token shards (`instar data tokenize`) vs JSONL,
+# real tokens/s of packed batches (target >= 20 M); writes its bench/RESULTS.md section (~3 min).
+.PHONY: bench-data
+bench-data: $(STAMP)
+	$(BIN)/python bench/data_loading.py
 
 # Every contender once, a few steps; prints the table and leaves bench/RESULTS.md alone.
 bench-quick: $(STAMP)
 	$(BIN)/python bench/peers.py --quick
+	$(BIN)/python bench/data_loading.py --quick

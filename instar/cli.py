@@ -143,6 +143,18 @@ def cmd_data_arithmetic(args) -> int:
     return 0
 
 
+def cmd_data_tokenize(args) -> int:
+    from instar.data.shards import write_shards
+    from instar.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer, Path.cwd())
+    index = write_shards(Path(args.input), Path(args.out_dir), tokenizer, args.tokenizer,
+                         shard_tokens=args.shard_tokens)
+    print(f"{args.out_dir}: {index['documents']} documents, {index['tokens']} tokens ({index['dtype']}) in "
+          f"{len(index['shards'])} shard(s); use it as `data: {{shards: {args.out_dir}}}` in a pretrain/cpt stage")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instar", description="Train a language model through a graph of stages.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     arith.add_argument("out_dir")
     arith.add_argument("--seed", type=int, default=0)
     arith.set_defaults(fn=cmd_data_arithmetic)
+    tok = data_sub.add_parser("tokenize", help="tokenise {\"text\"} JSONL rows into memmap token shards "
+                                               "(pretrain/cpt `data: {shards: OUT_DIR}`)")
+    tok.add_argument("input", help="JSONL file of {\"text\": ...} rows")
+    tok.add_argument("out_dir", help="folder to create (index.json, tokens-*.bin, offsets-*.bin)")
+    tok.add_argument("--tokenizer", required=True,
+                     help="instar-char or a local tokenizer folder; must be the training stage's tokenizer")
+    tok.add_argument("--shard-tokens", type=int, default=256 * 2**20,
+                     help="tokens per shard file before a new one starts (default 268435456)")
+    tok.set_defaults(fn=cmd_data_tokenize)
     return parser
 
 

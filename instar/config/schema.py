@@ -51,17 +51,20 @@ class GenerateSpec(Strict):
 
 
 class DataSpec(Strict):
-    """Where a stage's rows come from: a JSONL file or a built-in generator."""
+    """Where a stage's rows come from: a JSONL file, a built-in generator, or (pretrain/cpt) a folder
+    of memmap token shards written by `instar data tokenize` (instar/data/shards.py)."""
 
     path: str | None = None
     generate: GenerateSpec | None = None
+    shards: str | None = None
     on_bad_row: Literal["error", "skip"] = "error"
-    max_rows: int | None = Field(default=None, gt=0)
+    max_rows: int | None = Field(default=None, gt=0)  # with shards: the first max_rows documents
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
-        if (self.path is None) == (self.generate is None):
-            raise ValueError("give exactly one of `path` (a JSONL file) or `generate` (a built-in generator)")
+        if sum(x is not None for x in (self.path, self.generate, self.shards)) != 1:
+            raise ValueError("give exactly one of `path` (a JSONL file), `generate` (a built-in generator) or "
+                             "`shards` (a folder written by `instar data tokenize`)")
         return self
 
 
@@ -96,6 +99,13 @@ class ExactMatchConfig(Strict):
     formats: list[Literal["plain", "chat"]] = ["plain", "chat"]
     max_rows: int | None = Field(default=None, gt=0)
     batch_size: int = Field(default=256, gt=0)
+
+    @model_validator(mode="after")
+    def _rows(self) -> "ExactMatchConfig":
+        if self.data.shards is not None:
+            raise ValueError("exact-match eval reads {prompt, answer} rows: give `data.path` or `data.generate`, "
+                             "not token `shards`")
+        return self
 
 
 class EvalConfig(Strict):

@@ -24,6 +24,15 @@ class Example:
     def lengths(self) -> tuple[int, ...]:
         return self.segments or (len(self.input_ids),)
 
+    @property
+    def n_targets(self) -> int:
+        """Tokens that carry loss."""
+        return sum(t != IGNORE for t in self.targets)
+
+    def truncated(self, length: int) -> "Example":
+        """The first `length` tokens; the last keeps no target (its next token is cut off)."""
+        return Example(self.input_ids[:length], self.targets[:length - 1] + [IGNORE])
+
 
 def causal_example(ids: list[int], loss_mask: list[bool] | None = None) -> Example:
     """Example for next-token prediction on `ids`; loss_mask[i] says whether token i is learnt."""

@@ -7,6 +7,7 @@ each packed document restarts its position ids and only attends within itself.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from instar.data.example import IGNORE, Example, causal_example  # noqa: F401  (re-exported)
@@ -29,21 +30,25 @@ def block_diagonal_mask(doc_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 def collate_rows(rows: list[list[Example]], pad_id: int, length: int) -> dict[str, torch.Tensor]:
     """Lay out rows of examples (each row's examples end to end) as padded tensors of `length`."""
+    # Filled in numpy, one concatenation per row, and handed to torch at the end (no tensor ops per
+    # document or row): rows of many short documents and memmap token shards stay fast.
     b = len(rows)
-    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
-    targets = torch.full((b, length), IGNORE, dtype=torch.long)
-    position_ids = torch.zeros((b, length), dtype=torch.long)
-    doc_ids = torch.full((b, length), -1, dtype=torch.long)
+    input_ids = np.full((b, length), pad_id, dtype=np.int64)
+    targets = np.full((b, length), IGNORE, dtype=np.int64)
+    position_ids = np.zeros((b, length), dtype=np.int64)
+    doc_ids = np.full((b, length), -1, dtype=np.int64)
     for r, row in enumerate(rows):
-        offset, doc = 0, 0
-        for ex in row:
-            n = len(ex.input_ids)
-            input_ids[r, offset : offset + n] = torch.tensor(ex.input_ids)
-            targets[r, offset : offset + n] = torch.tensor(ex.targets)
-            for length in ex.lengths:
-                position_ids[r, offset : offset + length] = torch.arange(length)
-                doc_ids[r, offset : offset + length] = doc
-                offset, doc = offset + length, doc + 1
+        if not row:
+            continue
+        ids = np.concatenate([np.asarray(ex.input_ids, dtype=np.int64) for ex in row])
+        lengths = np.array([n for ex in row for n in ex.lengths], dtype=np.int64)
+        starts = np.cumsum(lengths) - lengths
+        n = len(ids)
+        input_ids[r, :n] = ids
+        targets[r, :n] = np.concatenate([np.asarray(ex.targets, dtype=np.int64) for ex in row])
+        position_ids[r, :n] = np.arange(n, dtype=np.int64) - np.repeat(starts, lengths)
+        doc_ids[r, :n] = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    input_ids, targets, position_ids, doc_ids = map(torch.from_numpy, (input_ids, targets, position_ids, doc_ids))
     return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "doc_ids": doc_ids}
 
 
@@ -73,7 +78,7 @@ class Batcher:
         if len(ex.input_ids) > self.seq_len:
             assert not ex.segments, "multi-document examples are length-checked by their kind"
             self.truncated += 0 if from_pending else 1
-            ex = Example(ex.input_ids[: self.seq_len], ex.targets[: self.seq_len - 1] + [IGNORE])
+            ex = ex.truncated(self.seq_len)
         return key, ex
 
     def next_rows(self, n: int) -> list[list[Example]]:
@@ -112,7 +117,7 @@ def count_examples(rows: list[list[Example]]) -> int:
 
 
 def count_targets(rows: list[list[Example]]) -> int:
-    return sum(sum(t != IGNORE for t in ex.targets) for row in rows for ex in row)
+    return sum(ex.n_targets for row in rows for ex in row)
 
 
 def count_tokens(rows: list[list[Example]]) -> int:

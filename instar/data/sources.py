@@ -19,9 +19,9 @@ def generated_path(spec: DataSpec, run_dir: Path) -> Path:
 
 
 def materialize(spec: DataSpec, base_dir: Path, run_dir: Path) -> Path:
-    """The JSONL path for `spec`, generating it into the run directory first if needed."""
-    if spec.path is not None:
-        path = Path(spec.path)
+    """The JSONL path (or token-shard folder) for `spec`, generating it into the run directory first if needed."""
+    if spec.path is not None or spec.shards is not None:
+        path = Path(spec.path if spec.path is not None else spec.shards)
         return path if path.is_absolute() else (base_dir / path)
     out = generated_path(spec, run_dir)
     if not out.is_file():

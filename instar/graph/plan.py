@@ -30,6 +30,10 @@ class StagePlan:
 
 
 def _hash(path: Path, stage: str) -> str:
+    if path.is_dir():  # token shards: index.json holds each shard file's sha256
+        from instar.data.shards import shards_hash
+
+        return shards_hash(path)
     if not path.is_file():
         raise DataError(f"stage '{stage}': data file not found: {path} (relative paths are resolved against "
                         f"the recipe's folder)")

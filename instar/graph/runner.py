@@ -62,8 +62,18 @@ def precheck(loaded: LoadedRecipe, plan: list[StagePlan]) -> None:
         kind = get_kind(sp.kind)
         specs = kind.data_specs(sp.name, loaded.recipe.stages[sp.name], loaded.recipe)
         for path, ds in zip(sp.data_paths, specs):
-            read_rows(path, ROW_FORMATS[kind.row_format], ds.on_bad_row, ds.max_rows)
+            if ds.shards is None:
+                read_rows(path, ROW_FORMATS[kind.row_format], ds.on_bad_row, ds.max_rows)
     effective = _effective_tokenizers(loaded, plan)
+    for sp in pending:  # token shards: files complete, and made with the stage's tokenizer
+        specs = get_kind(sp.kind).data_specs(sp.name, loaded.recipe.stages[sp.name], loaded.recipe)
+        for path, ds in zip(sp.data_paths, specs):
+            if ds.shards is not None:
+                from instar.data.shards import TokenShards
+                from instar.data.tokenizer import load_tokenizer
+
+                TokenShards(path).check_tokenizer(load_tokenizer(effective[sp.name], loaded.base_dir),
+                                                  f"stages.{sp.name}.data.shards")
     for sp in pending:
         reference = getattr(sp.spec, "reference", None)  # dpo/grpo score with another stage's model
         for other in [*sp.parents, *([reference] if reference else [])]:

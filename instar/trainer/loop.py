@@ -66,6 +66,11 @@ def _read_sources(ctx: StageContext, kind) -> tuple[list[list[dict]], int]:
     row_model = ROW_FORMATS[kind.row_format]
     out, skipped = [], 0
     for path, spec in zip(ctx.data_paths, specs, strict=True):
+        if spec.shards is not None:  # memmap token shards: opened, not read (the kind checks the tokenizer)
+            from instar.data.shards import TokenShards
+
+            out.append(TokenShards(path, spec.max_rows))
+            continue
         rows = read_rows(path, row_model, spec.on_bad_row, spec.max_rows)
         if rows.skipped:
             say(f"[{ctx.name}] skipped {rows.skipped} bad rows in {path} (first: {rows.first_skip})",

@@ -51,6 +51,9 @@ class StageKind(ABC):
         """Problems with this stage's settings that the schema cannot see."""
         if cls.row_format is not None and spec.data is None:
             return [f"stages.{name}.data: a {cls.name} stage needs `data` (a `path` to JSONL rows or `generate`)"]
+        if spec.data is not None and spec.data.shards is not None and cls.row_format != "text":
+            return [f"stages.{name}.data.shards: token shards hold pretraining text; a {cls.name} stage reads "
+                    f"{cls.row_format} rows: give `path` to a JSONL file"]
         return []
 
     @abstractmethod
