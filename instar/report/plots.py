@@ -104,8 +104,10 @@ def curves_png(run: RunReport, series: list[Series], log_keys: tuple[str, ...] =
                 ax.plot(xs[-1:], ys[-1:], marker="x", markersize=9, markeredgewidth=2, color="#c62828",
                         linestyle="none", clip_on=False, zorder=5)
             values.extend(ys)
-        for start, _ in spans[1:]:
-            ax.axvline(start, color="#999999", linewidth=0.7, linestyle=":")
+        xs_all = [x for _, xs, _ in lines for x in xs]
+        for start, _ in spans[1:]:  # only where this plot has data: a GRPO-only plot keeps its own x range
+            if min(xs_all) - 1 <= start <= max(xs_all):
+                ax.axvline(start, color="#999999", linewidth=0.7, linestyle=":")
         if ser.key in log_keys and _use_log(values):
             ax.set_yscale("log")
         ax.set_ylabel(ser.label)
