@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "post-training-study")
     parser.add_argument("--write", action="store_true", help="write the table into bench/RESULTS.md")
     args, overrides = parser.parse_known_args()
-    results, t0 = {}, time.perf_counter()
+    results = {}
     for seed in args.seeds:
         results[seed] = run_seed(seed, args.out, overrides)
         print(f"seed {seed}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in results[seed].items()), flush=True)
@@ -120,7 +120,7 @@ def main() -> None:
         start, end = markers("post-training")
         write_section("post-training", f"{start}\n## Post-training: does dpo / grpo beat continued SFT?\n\n"
                       f"`python bench/post_training.py --write {' '.join(overrides)}` "
-                      f"({time.strftime('%Y-%m-%d')}, {time.perf_counter() - t0:.0f} s). Held-out greedy exact match "
+                      f"({time.strftime('%Y-%m-%d')}). Held-out greedy exact match "
                       f"(chat) after each stage; controls continue SFT for the same steps on the same prompts.\n\n"
                       f"{text}\n{end}")
 
