@@ -91,6 +91,17 @@ def run(run_dir: Path, stage: str) -> int:
     except BaseException:
         print(f"rank {env.rank} failed:\n{traceback.format_exc()}", file=sys.stderr)
         return 1
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear down torch.distributed before the interpreter exits: left to exit-time destructors,
+    gloo's threads sometimes abort the process ("terminate called without an active exception",
+    SIGABRT) after the stage has finished."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
