@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.results import markers, write_section  # noqa: E402
-from instar.data.arithmetic import generate_rows  # noqa: E402
 
 MAIN = ("pretrain", "cpt", "sft", "dpo", "grpo")
 COMPARED = ("sft", "dpo", "ctl_dpo", "grpo", "ctl_grpo")

@@ -131,7 +131,6 @@ def test_grpo_raises_its_reward_and_logs_its_metrics(learned):
     assert last > first + 0.3, (first, last)
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the first update
     assert any(r["kl"] > 0 for r in rows[1:])
-    assert rows[1]["clip_fraction"] >= 0  # second step reuses the rollout: ratio != 1 is possible
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(run_dir / "grpo" / "model")

@@ -151,7 +151,7 @@ def render(run: RunReport) -> str:
         out.append(_figure("dpo", curves_png(run, dpo),
                            "DPO reward margin and accuracy per stage",
                            "DPO stages: chosen-minus-rejected reward margin and how often chosen wins", ""))
-    out.append(f"<footer>written by <code>instar report</code> from graph.json, each stage's "
-               f"model/instar.json, metrics.jsonl and eval.jsonl</footer></body></html>")
+    out.append("<footer>written by <code>instar report</code> from graph.json, each stage's "
+               "model/instar.json, metrics.jsonl and eval.jsonl</footer></body></html>")
     return "\n".join(out) + "\n"
 

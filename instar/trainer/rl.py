@@ -20,18 +20,19 @@ LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group",
-                     eps: float = 1e-4) -> torch.Tensor:
+                     eps: float = 1e-4, batch_std: float | None = None) -> torch.Tensor:
     """A_i = r_i − mean(group), divided by a std unless `scale_rewards` is `none`.
 
     `rewards` is [prompts × group_size] laid out group by group. std is the unbiased one (as
     torch and TRL compute it); `eps` keeps groups whose rewards are all equal at advantage 0.
+    `batch_std` replaces the std of `rewards` for `batch` scaling (the step spans several ranks).
     """
     groups = rewards.view(-1, group_size)
     centred = groups - groups.mean(dim=1, keepdim=True)
     if scale_rewards == "group":
         centred = centred / (groups.std(dim=1, keepdim=True) + eps)
     elif scale_rewards == "batch":
-        centred = centred / (rewards.std() + eps)
+        centred = centred / ((rewards.std() if batch_std is None else batch_std) + eps)
     elif scale_rewards != "none":
         raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
     return centred.reshape(-1)

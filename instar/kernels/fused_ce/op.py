@@ -34,7 +34,7 @@ def _chunk_step(logits, targets, ignore_index):
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, chunk):
-        n, vocab = hidden.shape[0], weight.shape[0]
+        n = hidden.shape[0]
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty_like(hidden) if need_dh else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None

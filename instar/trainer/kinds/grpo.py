@@ -26,7 +26,7 @@ from instar.config.schema import Recipe, StageSpec, Strict
 from instar.data.example import IGNORE, Example
 from instar.errors import DataError
 from instar.trainer.kinds.base import StepWork, TrainingKind
-from instar.trainer.kinds.reference import check_reference, load_reference_model, reference_stage
+from instar.trainer.kinds.reference import check_reference, load_reference_model
 
 
 class RewardSpec(Strict):
@@ -222,10 +222,7 @@ class GrpoKind(TrainingKind):
             lengths.append(len(ids))
         reward_t = torch.tensor(rewards, dtype=torch.float32)
         n_all, reward_mean, reward_std = _gather_stats(engine, rewards)
-        if spec.scale_rewards == "batch":  # the std of the whole step, all ranks
-            advantages = (reward_t - reward_t.view(-1, g).mean(1).repeat_interleave(g)) / (reward_std + 1e-4)
-        else:
-            advantages = group_advantages(reward_t, g, spec.scale_rewards)
+        advantages = group_advantages(reward_t, g, spec.scale_rewards, batch_std=reward_std)  # std over all ranks
         flat_groups = float((reward_t.view(-1, g).std(1) == 0).sum())
         completion_tokens = engine.all_reduce_sum(float(sum(lengths)))
         denominator = {"grpo": n_all, "dapo": completion_tokens, "dr_grpo": n_all * spec.max_new_tokens}[spec.loss_type]
@@ -301,7 +298,3 @@ class GrpoKind(TrainingKind):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._rollout, self._rollout_step = state["rollout"], int(state["rollout_step"])
-
-    @property
-    def reference_stage(self) -> str:
-        return reference_stage(self.ctx)
