@@ -68,7 +68,7 @@ def main() -> None:
         lo, m = torch.zeros_like(hi), torch.zeros_like(hi)
         v = torch.full_like(hi, 1e-4)
         v_lo = torch.zeros_like(hi) if variant == "collage-plus" else None
-        for block, warps in ((BLOCK, NUM_WARPS), (2048, 8), (4096, 8)):
+        for block, warps in ((BLOCK, NUM_WARPS), (512, 4), (1024, 8), (2048, 8), (2048, 16), (4096, 8)):
             seconds = bench(lambda: collage_step_(hi, lo, g, m, v, v_lo, scalars, block=block, num_warps=warps))
             key = variant if (block, warps) == (BLOCK, NUM_WARPS) else f"{variant} (BLOCK {block}, {warps} warps)"
             results[key] = {"seconds": seconds, "bytes_per_s": bytes_per * n / seconds}

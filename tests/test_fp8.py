@@ -92,12 +92,15 @@ def test_triton_quantize_is_bit_exact_on_gpu(dtype):
         ours = _triton().quantize(x, dtype, transpose=True)
         assert torch.equal(torch.isnan(ours.data.float()), torch.isnan(ref.data.float()))
         assert torch.equal(torch.isnan(ours.amax), torch.isnan(ref.amax))
+        # NaN payloads may differ; compare bits elsewhere (on uint8 views: CUDA has no masked_fill_
+        # for FP8 dtypes in torch 2.11, seen on an H200).
         x_nan = torch.isnan(ref.data.float())
-        ours.data[x_nan], ref.data[x_nan] = 0, 0
+        ours_bits, ref_bits = ours.data.view(torch.uint8).clone(), ref.data.view(torch.uint8).clone()
+        ours_bits[x_nan], ref_bits[x_nan] = 0, 0
         torch.testing.assert_close(ours.scale_inv, ref.scale_inv, atol=0, rtol=2.5e-7)
         # Equal bits, except where a one-ulp difference of the scale moves a value across a
         # rounding boundary (vanishingly rare).
-        assert (ours.data.view(torch.uint8) != ref.data.view(torch.uint8)).float().mean() <= 1e-5
+        assert (ours_bits != ref_bits).float().mean() <= 1e-5
         assert torch.equal(ours.data_t.view(torch.uint8), ours.data.t().contiguous().view(torch.uint8))
 
 

@@ -75,3 +75,35 @@ def test_data_arithmetic_command(tmp_path: Path, capsys):
     names = sorted(p.name for p in (tmp_path / "d").iterdir())
     assert names == ["cpt.jsonl", "dpo.jsonl", "heldout.jsonl", "pretrain.jsonl", "prompts.jsonl", "sft.jsonl",
                      "sft_steps.jsonl"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(tmp_path: Path):
+    from instar.errors import RecipeError
+
+    recipe = tiny_recipe()
+    recipe["stages"] = {"pretrain": recipe["stages"]["pretrain"]}
+    recipe["defaults"]["distributed"] = {"device": "cuda"}
+    path = write_recipe(tmp_path, recipe)
+    with pytest.raises(RecipeError, match=r"stages\.pretrain\.distributed\.device=cuda.*no CUDA device"):
+        run_recipe(load_recipe(path), quiet=True)
+
+
+def test_single_document_rows_use_plain_causal_attention(tmp_path: Path):
+    """Rows that are one document each (long pretraining text cut to seq_len) need no mask: SDPA
+    then takes its causal (flash) path; the losses equal the block-mask path's."""
+    from instar.data.packing import Batcher, block_diagonal_mask, causal_example
+    from instar.data.sampler import EpochSampler, MixtureSampler
+    from instar.data.tokenizer import build_char_tokenizer
+    from instar.models.build import model_from_config
+    from instar.trainer.losses import attention_mask, forward_logits
+
+    tok = build_char_tokenizer()
+    model = model_from_config(tiny_recipe()["model"]["config"], tok, seed=0)
+    docs = [causal_example(tok.encode("12+34=46\n" * 20)) for _ in range(4)]
+    batcher = Batcher([docs], MixtureSampler([EpochSampler(4, seed=0)], [1.0], seed=0), 64, True, tok.pad_token_id)
+    batch = batcher.next_batch(2)
+    assert attention_mask(model, batch) is None
+    masked = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                   attention_mask=block_diagonal_mask(batch["doc_ids"], torch.float32)).logits
+    torch.testing.assert_close(forward_logits(model, batch), masked, atol=1e-5, rtol=1e-5)

@@ -118,6 +118,9 @@ class DistributedConfig(Strict):
     torchrun with `nproc_per_node` ranks on each of `nnodes` nodes."""
 
     engine: Literal["single", "deepspeed"] = "single"
+    # auto: this rank's GPU when torch sees CUDA, else the CPU. `cpu` keeps a single-process stage
+    # off the GPU; DeepSpeed follows its own accelerator (DS_ACCELERATOR), which must agree.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     zero_stage: int = Field(default=2, ge=0, le=3)
     nproc_per_node: int = Field(default=1, gt=0)
     nnodes: int = Field(default=1, gt=0)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from instar.trainer.batch import BatchLayout
 from instar.trainer.deepspeed_config import deepspeed_config
+from instar.errors import RecipeError
 from instar.trainer.engine import Engine
 from instar.trainer.collage_optim import CollageAdamW, descent_metrics, state_bytes
 from instar.trainer.optim import build_optimizer, param_dtype, param_groups
@@ -30,9 +31,9 @@ def init_distributed() -> None:
 
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
-        if torch.cuda.is_available():
+        if torch.cuda.is_available():  # before init: NCCL then knows this rank's GPU instead of guessing
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        deepspeed.init_distributed(dist_backend=backend)
 
 
 class DeepSpeedEngine(Engine):
@@ -56,6 +57,11 @@ class DeepSpeedEngine(Engine):
         self._client_optimizer = optimizer
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
         self.model = self.ds
+        self.device = torch.device(self.ds.device)
+        if spec.distributed.device != "auto" and self.device.type != spec.distributed.device:
+            raise RecipeError(f"stages.{stage}.distributed.device={spec.distributed.device}, but DeepSpeed's "
+                              f"accelerator put the model on {self.device}; set DS_ACCELERATOR="
+                              f"{spec.distributed.device} or use device: auto")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self._micro = 0
         assert self.world_size == layout.world_size, (self.world_size, layout.world_size)
@@ -86,14 +92,15 @@ class DeepSpeedEngine(Engine):
     def step_metrics(self) -> dict[str, float]:
         if not isinstance(self._client_optimizer, CollageAdamW):
             return {}
-        stats = self._client_optimizer.pop_stats().double()  # this rank's partition (ZeRO 1-3)
+        stats = self._client_optimizer.pop_stats().double().to(self.device)  # this rank's partition (ZeRO 1-3)
         if self.zero_stage > 0:
-            dist.all_reduce(stats)
+            dist.all_reduce(stats)  # NCCL reduces device tensors only
+        stats = stats.cpu()
         # optim_state_mb: what this rank holds (rank 0 logs it): 1/world of the whole under ZeRO 1-3.
         return {**descent_metrics(stats), "optim_state_mb": state_bytes(self._client_optimizer) / 2**20}
 
     def all_reduce_sum(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)  # NCCL: a device tensor
         dist.all_reduce(t)
         return float(t.item())
 

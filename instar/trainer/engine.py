@@ -6,6 +6,7 @@ ZeRO across ranks.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -13,12 +14,31 @@ from typing import Iterator
 
 import torch
 
+from instar.errors import RecipeError
+
+
+def resolve_device(name: str, stage: str = "?") -> torch.device:
+    """The device `distributed.device` names: `auto` is this rank's GPU when CUDA is available
+    (LOCAL_RANK picks it under torchrun), else the CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RecipeError(f"stages.{stage}.distributed.device=cuda, but torch {torch.__version__} sees no CUDA "
+                          f"device (torch.cuda.is_available() is False); use device: auto or cpu here")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch's tensors on `device` (a no-op for those already there)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
 
 class Engine(ABC):
     name: str
     model: torch.nn.Module  # what the loss is computed with (a DeepSpeed engine wraps the HF model)
     rank: int = 0
     world_size: int = 1
+    device: torch.device = torch.device("cpu")  # where the weights live; the loop moves batches here
 
     @abstractmethod
     def autocast(self) -> AbstractContextManager:
@@ -86,5 +106,5 @@ def engine_class(name: str) -> type[Engine]:
 def build_engine(model: torch.nn.Module, spec, layout, stage: str) -> Engine:
     """The engine the stage's `distributed.engine` names."""
     if spec.distributed.engine == "single":
-        return engine_class("single")(model, spec)
+        return engine_class("single")(model, spec, stage)
     return engine_class("deepspeed")(model, spec, layout, stage)

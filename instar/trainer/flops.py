@@ -123,7 +123,7 @@ class MfuMeter:
             return {}
         achieved = tokens * self.flops_per_token / seconds / self.world_size  # per GPU
         bf16, fp8 = self.peak
-        out = {"mfu": achieved / (bf16 * 1e12)}
+        out = {"mfu": achieved / (bf16 * 1e12), "tflops": achieved / 1e12}
         if self.fp8 and fp8 is not None:
             out["mfu_fp8"] = achieved / (fp8 * 1e12)
         return out

@@ -28,7 +28,7 @@ from instar.models.fp8 import Fp8GemmCheck
 from instar.trainer.batch import batch_layout
 from instar.trainer.checkpoint import latest_checkpoint, load_kind_state, load_rng, save_checkpoint
 from instar.trainer.context import StageContext
-from instar.trainer.engine import build_engine, engine_class
+from instar.trainer.engine import build_engine, engine_class, to_device
 from instar.trainer.flops import MfuMeter, cuda_device_name
 from instar.trainer.jsonl_log import JsonlLog
 from instar.trainer.metric_mirrors import MetricMirrors, check_available
@@ -173,6 +173,7 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
             lr = lr_at(step, train.steps, train.lr, train.warmup_ratio, train.min_lr_ratio)
             loss_sum, extra = 0.0, {}
             for batch in work.batches:
+                batch = to_device(batch, engine.device)
                 with engine.autocast():
                     loss, m = kind.loss(engine.model, batch, work.denominator)
                 engine.backward(loss)

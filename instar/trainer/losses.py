@@ -8,15 +8,27 @@ import torch.nn.functional as F
 from instar.data.packing import IGNORE, block_diagonal_mask
 
 
+def attention_mask(model, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The block-diagonal mask of a packed batch, in the dtype attention will compute in (the
+    autocast dtype under autocast: CUDA's fused SDPA kernels want the mask in the query's dtype).
+    None when every row is one document filling the whole row: plain causal attention then, which
+    lets SDPA take its flash kernel (long pretraining documents cut to seq_len)."""
+    doc_ids = batch["doc_ids"]
+    if not bool((doc_ids == 0).all()):
+        param = next(model.parameters())
+        kind = param.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else param.dtype
+        return block_diagonal_mask(doc_ids, dtype)
+    return None
+
+
 def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of a (possibly packed) batch: block-diagonal causal mask and per-document positions.
 
     use_cache=False matters: with a cache HF Llama ignores restarting position ids.
     """
-    dtype = next(model.parameters()).dtype
-    mask = block_diagonal_mask(batch["doc_ids"], dtype)
-    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
-                use_cache=False)
+    out = model(input_ids=batch["input_ids"], attention_mask=attention_mask(model, batch),
+                position_ids=batch["position_ids"], use_cache=False)
     return out.logits
 
 
@@ -24,10 +36,8 @@ def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     """The backbone's last hidden states and the LM head's weight (tied or not), without running
     the head: what the fused linear + cross-entropy takes instead of logits."""
     hf = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
-    dtype = next(hf.parameters()).dtype
-    mask = block_diagonal_mask(batch["doc_ids"], dtype)
-    out = hf.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
-                   use_cache=False)
+    out = hf.model(input_ids=batch["input_ids"], attention_mask=attention_mask(hf, batch),
+                   position_ids=batch["position_ids"], use_cache=False)
     return out.last_hidden_state, hf.get_output_embeddings().weight
 
 

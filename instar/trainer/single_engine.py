@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from instar.trainer.engine import Engine
+from instar.trainer.engine import Engine, resolve_device
 from instar.trainer.collage_optim import CollageAdamW, descent_metrics, state_bytes
 from instar.trainer.optim import build_optimizer, param_dtype, param_groups
 
@@ -36,15 +36,18 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> No
 class SingleEngine(Engine):
     name = "single"
 
-    def __init__(self, model: torch.nn.Module, spec):
-        self.model = model.to(param_dtype(spec.precision))
+    def __init__(self, model: torch.nn.Module, spec, stage: str = "?"):
+        self.device = resolve_device(spec.distributed.device, stage)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.model = model.to(self.device, param_dtype(spec.precision))
         self.precision = spec.precision
         self.optimizer = build_optimizer(param_groups(model, spec.optimizer.weight_decay), spec.precision,
                                          spec.optimizer, guarded=True, max_grad_norm=spec.train.max_grad_norm)
 
     def autocast(self):
         if self.precision in ("bf16", "fp8"):  # fp8: FP8 linears, everything else in bf16
-            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ import triton.language as tl
 from instar.kernels.fp8.reference import Fp8Tensor, fp8_max
 from instar.kernels.triton_utils import interpreted
 
-FP32_MAX = 3.4028234663852886e38
+FP32_MAX = tl.constexpr(3.4028234663852886e38)  # a Triton global must be a constexpr (the interpreter does not check)
 
 
 @triton.jit

@@ -94,8 +94,9 @@ def segment_logps(logits, batch) -> tuple:
     logp = logp * valid
     docs = int(batch["doc_ids"].max()) + 1
     index = batch["doc_ids"].clamp(min=0)
-    sums = torch.zeros(targets.shape[0], docs, dtype=logp.dtype).scatter_add_(1, index, logp)
-    counts = torch.zeros(targets.shape[0], docs, dtype=logp.dtype).scatter_add_(1, index, valid.to(logp.dtype))
+    sums = torch.zeros(targets.shape[0], docs, dtype=logp.dtype, device=logp.device).scatter_add_(1, index, logp)
+    counts = torch.zeros(targets.shape[0], docs, dtype=logp.dtype, device=logp.device).scatter_add_(
+        1, index, valid.to(logp.dtype))
     pairs = counts[:, 0::2] > 0
     chosen_sum, rejected_sum = sums[:, 0::2][pairs], sums[:, 1::2][pairs]
     chosen_n, rejected_n = counts[:, 0::2][pairs], counts[:, 1::2][pairs]
@@ -165,7 +166,10 @@ class DpoKind(TrainingKind):
         from instar.models.build import load_pretrained
         from instar.trainer.on_policy import policy_negatives
 
+        from instar.trainer.engine import resolve_device
+
         model = load_pretrained(self.ctx.parent_model_dir(self.ctx.parents[0]))
+        model = model.to(resolve_device(self.ctx.spec.distributed.device, self.ctx.name))  # sample on the GPU
         rows, replaced = policy_negatives(model, tokenizer, rows, cfg, self.ctx.seed)
         say(f"[{self.ctx.name}] on-policy negatives: {replaced} rows got a rejected answer sampled from "
             f"'{self.ctx.parents[0]}'; {len(rows)} rows in all (see pairs.jsonl)", self.ctx.quiet or self.ctx.rank != 0)

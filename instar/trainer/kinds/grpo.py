@@ -198,6 +198,7 @@ class GrpoKind(TrainingKind):
         import torch
 
         from instar.data.packing import collate_rows
+        from instar.trainer.engine import to_device
         from instar.trainer.rewards import RewardModel
         from instar.trainer.rl import group_advantages
 
@@ -234,6 +235,7 @@ class GrpoKind(TrainingKind):
             batch = collate_rows([[sequences[i]] for i in part], tok.pad_token_id,
                                  max(len(sequences[i].input_ids) for i in part))
             batch["advantages"] = advantages[m * per_micro:(m + 1) * per_micro].clone()
+            batch = to_device(batch, engine.device)  # kept there while the rollout is trained on
             self._add_fixed_logps(engine, batch)
             batches.append(batch)
         stats = {
