@@ -66,19 +66,23 @@ def test_quantize_saturates_and_keeps_nan(dtype):
                                   lambda: torch.zeros(16, 32), lambda: torch.full((16, 16), float("inf")),
                                   lambda: torch.tensor([[1.0, float("nan")] * 8] * 16)])
 def test_triton_quantize_matches_reference(dtype, make):
+    torch.manual_seed(0)
     x = make()
     ref = reference.quantize(x, dtype, transpose=True)
     ours = _triton().quantize(x, dtype, transpose=True)
     torch.testing.assert_close(ours.amax, ref.amax, equal_nan=True, atol=0, rtol=0)
     torch.testing.assert_close(ours.scale_inv, ref.scale_inv, atol=0, rtol=2.5e-7)  # within one fp32 ulp
     # The interpreter's cast rounds wrongly on a few % of values: one FP8 step off, or a dropped
-    # carry (a value that should round up to the next power of two comes out half as big). On GPU
-    # the two are bit-equal (test below).
+    # carry (a value that should round up to the next power of two comes out half as big, or a value
+    # that should round up to the smallest subnormal comes out 0: seen once in 40 seeds). On GPU the
+    # two are bit-equal (test below).
     nan = torch.isnan(ref.data.float())  # the interpreter casts NaN to a number: checked on GPU only
     differ = (ours.data.view(torch.uint8) != ref.data.view(torch.uint8)) & ~nan
     assert differ.float().mean() <= 0.1
     ratio = ours.data.float()[differ] / ref.data.float()[differ]
-    assert ((ratio >= 0.5) & (ratio <= 1.25)).all()
+    smallest = torch.finfo(dtype).smallest_normal * 2.0 ** -{torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}[dtype]
+    lost_subnormal = (ours.data.float()[differ] == 0) & (ref.data.float()[differ].abs() == smallest)
+    assert ((ratio >= 0.5) & (ratio <= 1.25) | lost_subnormal).all()
     assert torch.equal(ours.data_t.view(torch.uint8), ours.data.t().contiguous().view(torch.uint8))
 
 

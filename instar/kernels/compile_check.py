@@ -2,6 +2,7 @@
 
     python -m instar.kernels.compile_check            # sm_90 (H100/H200), down to cubin
     python -m instar.kernels.compile_check --arch 80
+    python -m instar.kernels.compile_check --sass     # + each launch's SASS instruction count
 
 Triton's interpreter (how the CPU tests run the kernels) does not apply the compiler's rules: a
 module-level float used inside a kernel ran under the interpreter and failed to compile on an H200
@@ -40,13 +41,13 @@ def _arg_type(value) -> str:
 
 def compiling_launches(arch: int):
     """Patch JITFunction.run so that a launch compiles for `arch` instead of running; returns the
-    list the compiled kernels' names are appended to."""
+    list the (kernel name, compiled kernel) of each launch is appended to."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    compiled: list[str] = []
+    compiled: list[tuple[str, object]] = []
     target = GPUTarget("cuda", arch, 32)
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -60,11 +61,27 @@ def compiling_launches(arch: int):
                 constexprs[(i,)] = value
             else:
                 signature[param.name] = _arg_type(value)
-        triton.compile(ASTSource(self, signature, constexprs), target=target, options=options)
-        compiled.append(self.__name__)
+        kernel = triton.compile(ASTSource(self, signature, constexprs), target=target, options=options)
+        compiled.append((self.__name__, kernel))
 
     JITFunction.run = run
     return compiled
+
+
+def sass_instructions(cubin: bytes) -> int:
+    """Static SASS instruction count of a cubin (cuobjdump from Triton's own CUDA tools)."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    # instruction lines look like: /*0040*/   IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;   /* 0x... */
+    return sum(1 for line in sass.splitlines() if line.strip().startswith("/*") and line.count("/*") == 2)
 
 
 def exercise_every_op() -> None:
@@ -94,10 +111,14 @@ def exercise_every_op() -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100/H200)")
+    ap.add_argument("--sass", action="store_true", help="print each launch's static SASS instruction count")
     args = ap.parse_args(argv)
     compiled = compiling_launches(args.arch)
     exercise_every_op()
-    kernels = sorted(set(compiled))
+    if args.sass:
+        for name, kernel in compiled:
+            print(f"{name}: {sass_instructions(kernel.asm['cubin'])} SASS instructions")
+    kernels = sorted({name for name, _ in compiled})
     print(f"compiled {len(compiled)} launches of {len(kernels)} kernels for sm_{args.arch}: {', '.join(kernels)}")
     return 0
 
