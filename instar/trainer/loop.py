@@ -107,7 +107,10 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
     check_available(spec.logging, ctx.name)
     tokenizer = stage_tokenizer(ctx, kind.needs_chat_template)
     model = stage_model(ctx, tokenizer)
-    mfu = MfuMeter(model, train.seq_len, ctx.world_size, spec.precision == "fp8", cuda_device_name())
+    # Counted before the engine: ZeRO-3 partitions the parameters (their numel drops to 0).
+    on_gpu = spec.distributed.device != "cpu" and torch.cuda.is_available()
+    mfu = MfuMeter(model, train.seq_len, ctx.world_size, spec.precision == "fp8",
+                   cuda_device_name() if on_gpu else None)
     if mfu.note:
         say(f"[{ctx.name}] {mfu.note}", quiet)
     rows, skipped_rows = _read_sources(ctx, kind)
