@@ -107,3 +107,15 @@ def test_single_document_rows_use_plain_causal_attention(tmp_path: Path):
     masked = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                    attention_mask=block_diagonal_mask(batch["doc_ids"], torch.float32)).logits
     torch.testing.assert_close(forward_logits(model, batch), masked, atol=1e-5, rtol=1e-5)
+
+    # Right padding after one document: the same at every real token; two documents need the mask.
+    short = causal_example(tok.encode("12+34=46\n"))
+    padded = Batcher([[short]], MixtureSampler([EpochSampler(1, seed=0)], [1.0], seed=0), 64, False,
+                     tok.pad_token_id)
+    batch = padded.collate([[short], [docs[0].truncated(64)]])
+    assert attention_mask(model, batch) is None
+    real = batch["doc_ids"] >= 0
+    masked = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                   attention_mask=block_diagonal_mask(batch["doc_ids"], torch.float32)).logits
+    torch.testing.assert_close(forward_logits(model, batch)[real], masked[real], atol=1e-5, rtol=1e-5)
+    assert attention_mask(model, batcher.collate([[short, short]])) is not None

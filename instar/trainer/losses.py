@@ -11,10 +11,15 @@ from instar.data.packing import IGNORE, block_diagonal_mask
 def attention_mask(model, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The block-diagonal mask of a packed batch, in the dtype attention will compute in (the
     autocast dtype under autocast: CUDA's fused SDPA kernels want the mask in the query's dtype).
-    None when every row is one document filling the whole row: plain causal attention then, which
-    lets SDPA take its flash kernel (long pretraining documents cut to seq_len)."""
+
+    None when every row is one document from position 0, padding (doc id -1) only after it: plain
+    causal attention then gives every real token what the mask would (padding attends to more, but
+    its outputs are never used), and SDPA takes its causal/flash kernel. Long pretraining text cut
+    to seq_len, one conversation per SFT row and GRPO's prompt + completion rows are such batches."""
     doc_ids = batch["doc_ids"]
-    if not bool((doc_ids == 0).all()):
+    one_document = bool((doc_ids[:, 0] == 0).all() and (doc_ids <= 0).all()
+                        and (doc_ids[:, 1:] <= doc_ids[:, :-1]).all())
+    if not one_document:
         param = next(model.parameters())
         kind = param.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else param.dtype
