@@ -19,21 +19,6 @@ DOCKERFILES = ["docker/Dockerfile", "docker/Dockerfile.cpu"]
 TINY_RECIPE = ROOT / "recipes" / "tiny" / "pipeline.yaml"
 
 
-def short_overrides(recipe: dict) -> list[str]:
-    """Every stage of the tiny recipe, each a few steps long (pretrain 100, the others at most 20),
-    on-policy negatives sampled for at most 500 rows, evals on 32 problems: the test checks the
-    image end to end in minutes; README "Run in Docker" gives the measured times."""
-    out = ["defaults.eval.exact_match.data.generate.rows=32"]
-    for name, stage in recipe["stages"].items():
-        steps = (stage.get("train") or {}).get("steps")
-        if steps:
-            out.append(f"stages.{name}.train.steps={min(steps, 100 if stage['kind'] == 'pretrain' else 20)}")
-        rows = ((stage.get("data") or {}).get("generate") or {}).get("rows")
-        if "negatives" in stage and rows:
-            out.append(f"stages.{name}.data.generate.rows={min(rows, 500)}")
-    return out
-
-
 def hadolint(path: Path) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "hadolint"
     exe = str(exe) if exe.exists() else shutil.which("hadolint")
@@ -74,13 +59,14 @@ def test_image_runs_instar_as_a_user(dockerfile):
 @pytest.mark.docker
 def test_cpu_image_runs_the_tiny_pipeline(tmp_path):
     """docker/test-cpu.sh: dockerd, a debootstrapped base image, the CPU image built from a
-    wheelhouse, and `instar run recipes/tiny/pipeline.yaml` (shortened) inside it as uid 1000."""
+    wheelhouse, and the whole `instar run recipes/tiny/pipeline.yaml` inside it as uid 1000 (about
+    5 minutes with the base image and build cache warm, 2026-11-27)."""
     if os.geteuid() != 0:
         pytest.skip("needs root: installs docker.io/debootstrap, starts dockerd, runs debootstrap")
     recipe = yaml.safe_load(TINY_RECIPE.read_text())
     log = tmp_path / "docker-test.log"
     with log.open("w") as fh:  # progress goes to the console too (seen with `pytest -s`)
-        proc = subprocess.Popen([str(ROOT / "docker" / "test-cpu.sh"), str(tmp_path), *short_overrides(recipe)], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([str(ROOT / "docker" / "test-cpu.sh"), str(tmp_path)], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             fh.write(line)
@@ -97,5 +83,8 @@ def test_cpu_image_runs_the_tiny_pipeline(tmp_path):
         assert (run_dir / stage / "model").is_dir(), stage
         row = next((ln for ln in status_table.splitlines() if ln.strip("│ ").startswith(stage + " ")), None)
         assert row is not None and " done " in row, f"`instar status` row for {stage}: {row}"
+    # The container learns what the host does (README's table: sft 96.8 % on the chat questions).
+    sft = json.loads((run_dir / "sft" / "model" / "instar.json").read_text())["metrics"]
+    assert sft["exact_match/chat"] > 0.9, sft
     # Written by the container's non-root user, not by root.
     assert (run_dir / "merged" / "state.json").stat().st_uid == 1000
