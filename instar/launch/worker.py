@@ -7,6 +7,7 @@ recorded there (the parent `instar run` planned it a moment ago).
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import sys
@@ -45,6 +46,9 @@ def _log_to_file(log_dir: Path, rank: int, header: str) -> None:
     else:  # everything, C-level output included, goes to this rank's file only
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
+        sys.stdout.reconfigure(line_buffering=True)  # a rank that dies keeps what it printed
+    # A fatal signal (SIGABRT from a C++ thread, SIGSEGV) writes every thread's Python stack here.
+    faulthandler.enable(file=log, all_threads=True)
 
 
 def run(run_dir: Path, stage: str) -> int:
