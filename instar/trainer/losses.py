@@ -17,8 +17,8 @@ def attention_mask(model, batch: dict[str, torch.Tensor]) -> torch.Tensor | None
     its outputs are never used), and SDPA takes its causal/flash kernel. Long pretraining text cut
     to seq_len, one conversation per SFT row and GRPO's prompt + completion rows are such batches."""
     doc_ids = batch["doc_ids"]
-    one_document = bool((doc_ids[:, 0] == 0).all() and (doc_ids <= 0).all()
-                        and (doc_ids[:, 1:] <= doc_ids[:, :-1]).all())
+    # Starting at 0 and never rising (-1 is padding): one reduction, one device sync per forward.
+    one_document = bool(((doc_ids[:, 0] == 0).all() & (doc_ids[:, 1:] <= doc_ids[:, :-1]).all()))
     if not one_document:
         param = next(model.parameters())
         kind = param.device.type
