@@ -52,7 +52,7 @@ bench-pipeline: $(STAMP)
 	$(BIN)/python bench/pipeline.py --make-demo
 
 # instar's ZeRO-2 pretrain stage on 2 CPU ranks vs a hand-written DeepSpeed loop (target >= 0.95x
-# tokens/s), ZeRO-1/2/3 tokens/s and peak RSS per rank; writes bench/RESULTS.md (~15 min on 2 cores).
+# tokens/s), ZeRO-1/2/3 tokens/s and peak RSS per rank, 3 runs each; writes bench/RESULTS.md (~25 min on 2 cores).
 bench-zero: $(STAMP)
 	$(BIN)/python bench/zero.py
 
