@@ -10,6 +10,7 @@ CPU the Triton quantiser is checked to one FP8 step; bit-exactness is a `gpu` te
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,28 @@ def test_float8_linear_on_gpu(dtype):
     y8.backward(dy)
     assert GEMMS.total - before == 3
     assert sqnr(y, y8) >= 18 and sqnr(x_ref.grad, x8.grad) >= 18 and sqnr(dw_ref, lin.weight.grad) >= 17
+
+
+def test_delayed_scaling_resume_is_exact(tmp_path: Path):
+    """The amax histories are per-rank training state: a stage resumed from its step-3 checkpoint
+    reproduces the uninterrupted run bit for bit, and the histories stay out of the HF export."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    recipe = _pretrain("fp8", steps=6, fp8={"scaling": "delayed", "amax_history_len": 16})
+    recipe["stages"]["pretrain"]["train"].update(checkpoint_every=3, keep_checkpoints=1)
+    path = write_recipe(tmp_path, recipe)
+    run_recipe(load_recipe(path, ["run.name=whole"]), quiet=True)
+    whole, resumed = tmp_path / "runs/whole/pretrain", tmp_path / "runs/resumed/pretrain"
+    assert (whole / "checkpoints/step-00000003/fp8_rank0.pt").is_file()
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "model")  # as if killed after the step-3 checkpoint
+    run_recipe(load_recipe(path, ["run.name=resumed"]), quiet=True)
+
+    assert [json.loads(x)["loss"] for x in (resumed / "metrics.jsonl").read_text().splitlines()] == \
+        [json.loads(x)["loss"] for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    a, b = (load_file(str(d / "model" / "model.safetensors")) for d in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("amax" in k or "histor" in k for k in a)
+    _, info = LlamaForCausalLM.from_pretrained(resumed / "model", output_loading_info=True)
+    assert not any(info.values()), info  # no missing or unexpected keys

@@ -35,6 +35,24 @@ def convert_to_float8(model: torch.nn.Module, fp8_config, stage: str) -> int:
     return swapped
 
 
+def amax_histories(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Delayed scaling's amax histories, keyed `<linear>.<input|weight|grad>`; empty with dynamic
+    scaling. Training state for checkpoints (this rank's: each rank scales its own activations and
+    gradients), never weights: they are not in the state dict, so the HF export leaves them out."""
+    return {f"{name}.{key}": history.values.cpu()
+            for name, module in model.named_modules() if isinstance(module, Float8Linear) and module.histories
+            for key, history in module.histories.items()}
+
+
+def load_amax_histories(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Restore what `amax_histories` returned for the same model and fp8 settings."""
+    assert state.keys() == amax_histories(model).keys(), "amax histories of another model or fp8 config"
+    for name, module in model.named_modules():
+        if isinstance(module, Float8Linear) and module.histories:
+            for key, history in module.histories.items():
+                history.values = state[f"{name}.{key}"].clone()
+
+
 class Fp8GemmCheck:
     """FP8 GEMMs run per optimizer step; a step with none when fp8 was asked for is an error, since
     the run would silently be a bf16 run."""

@@ -2,8 +2,9 @@
 RNG states, written atomically.
 
 Layout: `<stage>/checkpoints/step-00000100/` holding the engine's files, `loop.json` and
-`rng_rank<k>.pt` (and `kind_rank<k>.pt` where the kind keeps state). Every rank writes into `.tmp-step-…`; rank 0 renames it into place once all
-ranks are done, so a listed step is always complete.
+`rng_rank<k>.pt` (and `kind_rank<k>.pt` where the kind keeps state, `fp8_rank<k>.pt` where delayed
+FP8 scaling keeps amax histories). Every rank writes into `.tmp-step-…`; rank 0 renames it into place
+once all ranks are done, so a listed step is always complete.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from instar.models.export import remove_tree
+from instar.models.fp8 import amax_histories, load_amax_histories
 
 PREFIX = "step-"
 
@@ -45,6 +47,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _hf_model(engine) -> torch.nn.Module:
+    return getattr(engine.model, "module", engine.model)  # a DeepSpeed engine wraps the HF model
+
+
 def save_checkpoint(root: Path, step: int, engine, loop_state: dict[str, Any], keep: int,
                     kind_state: dict[str, Any] | None = None) -> None:
     """Write checkpoint `step` under `root` (every rank calls) and keep the newest `keep`.
@@ -59,6 +65,9 @@ def save_checkpoint(root: Path, step: int, engine, loop_state: dict[str, Any], k
     torch.save(rng_state(), tmp / f"rng_rank{engine.rank}.pt")
     if kind_state is not None:
         torch.save(kind_state, tmp / f"kind_rank{engine.rank}.pt")
+    histories = amax_histories(_hf_model(engine))
+    if histories:
+        torch.save(histories, tmp / f"fp8_rank{engine.rank}.pt")
     engine.barrier()
     if engine.rank == 0:
         (tmp / "loop.json").write_text(json.dumps({**loop_state, "step": step}, indent=1))
@@ -90,3 +99,10 @@ def load_rng(path: Path, rank: int) -> None:
 def load_kind_state(path: Path, rank: int) -> dict[str, Any] | None:
     file = path / f"kind_rank{rank}.pt"
     return torch.load(file, weights_only=True) if file.exists() else None
+
+
+def load_fp8_histories(path: Path, engine) -> None:
+    """Delayed FP8 scaling's amax histories of this rank, where the checkpoint has them."""
+    file = path / f"fp8_rank{engine.rank}.pt"
+    if file.exists():
+        load_amax_histories(_hf_model(engine), torch.load(file, weights_only=True))

@@ -56,6 +56,14 @@ def _bf16_section(precision: str, zero_stage: int) -> dict[str, Any]:
     return {"enabled": precision == "bf16"}
 
 
+def _torch_autocast_section() -> dict[str, Any]:
+    """fp8 runs as on the single engine: fp32 weights and gradients, bf16 autocast around the FP8
+    linears (the engine's `autocast`). DeepSpeed's forward switches an outer autocast off unless
+    this section is on; no module is named lower-precision-safe, so every gradient is reduced in
+    fp32 (by default DeepSpeed would reduce nn.Linear gradients, the LM head's, in bf16)."""
+    return {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+
+
 def generate(spec, layout: BatchLayout) -> dict[str, Any]:
     dist = spec.distributed
     zero: dict[str, Any] = {"stage": dist.zero_stage}
@@ -76,6 +84,7 @@ def generate(spec, layout: BatchLayout) -> dict[str, Any]:
         "gradient_clipping": float(spec.train.max_grad_norm or 0.0) if dist.zero_stage > 0 else 0.0,
         "zero_optimization": zero,
         "bf16": _bf16_section(spec.precision, dist.zero_stage),
+        **({"torch_autocast": _torch_autocast_section()} if spec.precision == "fp8" else {}),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

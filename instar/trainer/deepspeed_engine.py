@@ -44,6 +44,7 @@ class DeepSpeedEngine(Engine):
 
         init_distributed()
         self.zero_stage = spec.distributed.zero_stage
+        self.precision = spec.precision
         self.layout = layout
         self.config = deepspeed_config(spec, layout, stage)
         # bf16-pure / Collage: bf16 parameters and no fp32 copy (DeepSpeed would cast at ZeRO 1-3
@@ -67,6 +68,9 @@ class DeepSpeedEngine(Engine):
         assert self.world_size == layout.world_size, (self.world_size, layout.world_size)
 
     def autocast(self):
+        if self.precision == "fp8":  # as the single engine: FP8 linears, everything else under bf16 autocast
+            # (DeepSpeed's forward keeps it on only because the config's torch_autocast section is on)
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()  # DeepSpeed casts the module itself for bf16
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -26,7 +26,8 @@ from instar.launch.preempt import Preempted, signal_name, stop_requested
 from instar.models.export import remove_tree, write_artifact
 from instar.models.fp8 import Fp8GemmCheck
 from instar.trainer.batch import batch_layout
-from instar.trainer.checkpoint import latest_checkpoint, load_kind_state, load_rng, save_checkpoint
+from instar.trainer.checkpoint import (latest_checkpoint, load_fp8_histories, load_kind_state, load_rng,
+                                      save_checkpoint)
 from instar.trainer.context import StageContext
 from instar.trainer.engine import build_engine, engine_class, to_device
 from instar.trainer.flops import MfuMeter, cuda_device_name
@@ -136,6 +137,7 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
         if exact:
             engine.load(resume_path)
             load_rng(resume_path, ctx.rank)
+            load_fp8_histories(resume_path, engine)
             kind_state = load_kind_state(resume_path, ctx.rank)
             if kind_state is not None:
                 kind.load_state_dict(kind_state)
