@@ -178,3 +178,9 @@ def test_on_policy_negatives_come_from_the_parent_model(tmp_path: Path):
     assert [p["prompt"] for p in pairs] == [d["prompt"] for d in data]  # a barely trained sft errs on all
     assert all(p["chosen"] == d["chosen"] and p["rejected"] != p["chosen"] for p, d in zip(pairs, data))
     assert sum(p["rejected"] != d["rejected"] for p, d in zip(pairs, data)) > len(data) // 2  # sampled, not near-miss
+    # Other negatives from the same data file are other pairs: their reference log-probs get a cache
+    # file of their own instead of the first run's (a stale cache would pair values with wrong rows).
+    run_recipe(load_recipe(path, ["stages.dpo.negatives.temperature=0.5"]), quiet=True)
+    caches = sorted((tmp_path / "runs/t/dpo/reference_logps").glob("sft-*.pt"))
+    assert len(caches) == 2
+    assert not torch.equal(*(torch.load(c, weights_only=True) for c in caches))

@@ -2,9 +2,10 @@
 
 The reference model is frozen, so its summed log-probs of each pair's chosen and rejected
 completions never change during a stage: computing them once (one no-grad pass over the data)
-saves a forward per micro-batch. The file is keyed by the reference artifact's fingerprint, the
-data's hash and the sequence layout, so a changed reference or dataset never reuses stale values,
-and a re-run or resumed stage reuses them.
+saves a forward per micro-batch. The file is keyed by the reference artifact's fingerprint and a
+hash of the pairs' tokens, targets and segment layout — the pairs themselves, not the data file:
+on-policy negatives replace the rejected answers after the data is read — so a changed reference
+or pair never reuses stale values, and a re-run or resumed stage reuses them.
 """
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ import torch
 from instar.models.export import read_meta
 
 
-def cache_path(ctx, reference: str) -> Path:
+def pairs_hash(examples: list) -> str:
+    """sha256 of every example's input ids, targets and segment lengths, in order."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(json.dumps([ex.input_ids, ex.targets, list(ex.segments)]).encode())
+    return digest.hexdigest()
+
+
+def cache_path(ctx, reference: str, examples: list) -> Path:
     meta = read_meta(ctx.parent_model_dir(reference)) or {}
-    key = json.dumps({"reference": meta.get("fingerprint"), "data": ctx.data_hashes,
-                      "seq_len": ctx.spec.train.seq_len}, sort_keys=True)
+    key = json.dumps({"reference": meta.get("fingerprint"), "pairs": pairs_hash(examples)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return ctx.stage_dir / "reference_logps" / f"{reference}-{digest}.pt"
 
@@ -47,7 +55,7 @@ def pair_logps(model, examples: list, pad_id: int, batch_size: int = 32) -> torc
 def cached_pair_logps(ctx, engine, reference: str, load_model, examples: list, pad_id: int) -> torch.Tensor:
     """The [N, 2] reference log-probs of `examples`, from the cache file or computed by rank 0
     (the other ranks wait, then read the file)."""
-    path = cache_path(ctx, reference)
+    path = cache_path(ctx, reference, examples)
     if ctx.rank == 0 and not path.exists():
         values = pair_logps(load_model(), examples, pad_id)
         path.parent.mkdir(parents=True, exist_ok=True)
