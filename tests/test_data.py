@@ -107,6 +107,63 @@ def test_packed_batch_equals_one_by_one(attn):
             offset += n
 
 
+def _packed_conversations(tok, rows: int):
+    convs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+             for q, a in [("1+2", "3"), ("40+41", "81"), ("9+99", "108"), ("7+7", "14"), ("300+12", "312")]]
+    examples = chat_examples(tok, convs, "assistant")
+    per_row = [examples[:3], examples[3:]][:rows]
+    return per_row, collate_rows(per_row, tok.pad_token_id, 48)
+
+
+def test_flattened_rows_give_flash_attention_every_document_boundary():
+    """With flash-attn, a packed batch runs as one row whose position ids restart per document;
+    transformers derives flash-attn varlen's cu_seqlens from them. Those must be exactly the
+    documents (and each padding token alone), row after row."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
+
+    from instar.models.attention import flatten_rows
+
+    per_row, batch = _packed_conversations(build_char_tokenizer(), rows=2)
+    input_ids, position_ids = flatten_rows(batch)
+    assert input_ids.shape == position_ids.shape == (1, 2 * 48)
+    assert torch.equal(input_ids.view(2, 48), batch["input_ids"])
+    assert _is_packed_sequence(position_ids, batch_size=1)
+    (cu_seqlens, _), _ = prepare_fa_kwargs_from_position_ids(position_ids)
+    expected, start = [], 0
+    for row in per_row:
+        used = 0
+        for ex in row:
+            expected.append(start + used)
+            used += len(ex.input_ids)
+        expected += [start + p for p in range(used, 48)]  # padding: one-token sequences
+        start += 48
+    assert cu_seqlens.tolist() == expected + [2 * 48]
+
+
+@pytest.mark.gpu
+def test_packed_batch_equals_one_by_one_with_flash_attention():
+    """The same check as above through flash-attn's varlen kernel (bf16, CUDA)."""
+    pytest.importorskip("flash_attn")
+    from instar.models.attention import FLASH, select_attention
+
+    tok = build_char_tokenizer()
+    cfg = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+    model = model_from_config(cfg, tok, seed=0).eval().to("cuda", torch.bfloat16)
+    assert select_attention(model, torch.device("cuda"), "bf16-pure") == FLASH
+    per_row, batch = _packed_conversations(tok, rows=2)
+    with torch.no_grad():
+        logits = forward_logits(model, {k: v.cuda() for k, v in batch.items()})
+        for r, row in enumerate(per_row):
+            offset = 0
+            for ex in row:
+                alone = collate_rows([[ex]], tok.pad_token_id, len(ex.input_ids))
+                want = forward_logits(model, {k: v.cuda() for k, v in alone.items()})[0]
+                n = len(ex.input_ids)
+                torch.testing.assert_close(logits[r, offset:offset + n].float(), want.float(), atol=2e-2, rtol=2e-2)
+                offset += n
+
+
 def test_sft_truncation_policies():
     from instar.trainer.kinds.sft import fit_length
 

@@ -24,6 +24,7 @@ from instar.errors import ContractError, TrainingError
 from instar.eval.runner import Evaluator
 from instar.launch.preempt import Preempted, signal_name, stop_requested
 from instar.models.export import remove_tree, write_artifact
+from instar.models.attention import FLASH, select_attention
 from instar.models.fp8 import Fp8GemmCheck
 from instar.trainer.batch import batch_layout
 from instar.trainer.checkpoint import (latest_checkpoint, load_fp8_histories, load_kind_state, load_rng,
@@ -128,6 +129,8 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
         load_weights(model, engine_class(resume_state["engine"]).consolidated_weights(resume_path))
     engine = build_engine(model, spec, layout, ctx.name)
     engine.model.train()
+    if select_attention(engine.model, engine.device, spec.precision) == FLASH:
+        say(f"[{ctx.name}] attention: flash-attn varlen (packed documents split by position ids)", quiet)
     evaluator = Evaluator(ctx, tokenizer)
     metrics_log = JsonlLog(ctx.stage_dir / "metrics.jsonl")
     eval_log = JsonlLog(ctx.stage_dir / "eval.jsonl")

@@ -6,6 +6,18 @@ import torch
 import torch.nn.functional as F
 
 from instar.data.packing import IGNORE, block_diagonal_mask
+from instar.models.attention import flatten_rows, uses_flash_attention
+
+
+def _one_document_per_row(batch: dict[str, torch.Tensor]) -> bool:
+    doc_ids = batch["doc_ids"]
+    # Starting at 0 and never rising (-1 is padding): one reduction, one device sync per forward.
+    return bool(((doc_ids[:, 0] == 0).all() & (doc_ids[:, 1:] <= doc_ids[:, :-1]).all()))
+
+
+def _varlen(model, batch: dict[str, torch.Tensor]) -> bool:
+    """A packed batch for a flash-attn model: run it as one row, documents split by position ids."""
+    return uses_flash_attention(model) and not _one_document_per_row(batch)
 
 
 def attention_mask(model, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -16,22 +28,24 @@ def attention_mask(model, batch: dict[str, torch.Tensor]) -> torch.Tensor | None
     causal attention then gives every real token what the mask would (padding attends to more, but
     its outputs are never used), and SDPA takes its causal/flash kernel. Long pretraining text cut
     to seq_len, one conversation per SFT row and GRPO's prompt + completion rows are such batches."""
-    doc_ids = batch["doc_ids"]
-    # Starting at 0 and never rising (-1 is padding): one reduction, one device sync per forward.
-    one_document = bool(((doc_ids[:, 0] == 0).all() & (doc_ids[:, 1:] <= doc_ids[:, :-1]).all()))
-    if not one_document:
+    if not _one_document_per_row(batch):
         param = next(model.parameters())
         kind = param.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else param.dtype
-        return block_diagonal_mask(doc_ids, dtype)
+        return block_diagonal_mask(batch["doc_ids"], dtype)
     return None
 
 
 def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of a (possibly packed) batch: block-diagonal causal mask and per-document positions.
+    """Logits of a (possibly packed) batch: per-document positions, and documents kept apart by a
+    block-diagonal mask (SDPA) or by flash-attn's varlen kernel (see instar.models.attention).
 
     use_cache=False matters: with a cache HF Llama ignores restarting position ids.
     """
+    if _varlen(model, batch):
+        input_ids, position_ids = flatten_rows(batch)
+        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        return logits.view(*batch["input_ids"].shape, -1)
     out = model(input_ids=batch["input_ids"], attention_mask=attention_mask(model, batch),
                 position_ids=batch["position_ids"], use_cache=False)
     return out.logits
@@ -41,9 +55,14 @@ def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     """The backbone's last hidden states and the LM head's weight (tied or not), without running
     the head: what the fused linear + cross-entropy takes instead of logits."""
     hf = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
+    head = hf.get_output_embeddings().weight
+    if _varlen(hf, batch):
+        input_ids, position_ids = flatten_rows(batch)
+        hidden = hf.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        return hidden.view(*batch["input_ids"].shape, -1), head
     out = hf.model(input_ids=batch["input_ids"], attention_mask=attention_mask(hf, batch),
                    position_ids=batch["position_ids"], use_cache=False)
-    return out.last_hidden_state, hf.get_output_embeddings().weight
+    return out.last_hidden_state, head
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor], n_targets: int) -> tuple[torch.Tensor, dict[str, float]]:
