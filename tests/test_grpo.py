@@ -191,8 +191,13 @@ def test_bad_grpo_input(tmp_path, capsys):
     _fails(run("badfn", rewards=[{"fn": "no_such_module:f"}]), capsys, "module 'no_such_module'")
     _fails(run("badname", rewards=[{"fn": "exactly"}]), capsys, "neither a built-in reward")
     _fails(run("drgrpo", loss_type="dr_grpo"), capsys, "scale_rewards: none")
+    assert main(run("good")) == 0
     _fails(run("raises", rewards=[{"fn": "tests.grpo_rewards:raises"}]), capsys,
            "reward 'tests.grpo_rewards:raises' raised ValueError: reward server unavailable on prompt")
+    # The failed attempt rewrote grpo's logs, so the good configuration's artifact went with them:
+    # it is not "cached" next to a rollouts.jsonl that is not its own.
+    assert not (tmp_path / "runs" / "bad" / "grpo" / "model").exists()
+    assert main(run("good")) == 0 and (tmp_path / "runs" / "bad" / "grpo" / "model").is_dir()  # trained again
     _fails(run("nan", rewards=[{"fn": "tests.grpo_rewards:not_a_number"}]), capsys, "returned 'high' on prompt")
     long = run("long", max_new_tokens=60)
     _fails(long, capsys, "prompt row 1 is")

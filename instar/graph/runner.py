@@ -21,7 +21,7 @@ from instar.data.jsonl import read_rows
 from instar.errors import ContractError, InstarError
 from instar.graph.plan import StagePlan, make_plan
 from instar.graph.state import write_state
-from instar.models.export import read_meta, write_json_atomic
+from instar.models.export import read_meta, remove_tree, write_json_atomic
 
 
 @dataclass
@@ -157,6 +157,10 @@ def run_recipe(loaded: LoadedRecipe, quiet: bool = False, node_rank: int = 0) ->
                 continue
             say(f"[{sp.name}] {sp.kind} stage starting"
                 + (f" from {', '.join(sp.parents)}" if sp.parents else ""), quiet)
+            # This attempt rewrites the stage's logs (metrics, eval, pairs, rollouts). An artifact
+            # of another configuration must not outlive them: if the attempt were killed, it would
+            # count as cached next time, beside logs that are not its own.
+            remove_tree(stage_dir / "model")
             write_state(stage_dir, "running", fingerprint=sp.fingerprint)
             try:
                 metrics = _run_stage(loaded, sp, quiet, node_rank)
