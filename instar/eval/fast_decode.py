@@ -175,12 +175,14 @@ class LlamaDecoder:
         batch, t, _ = x.shape
         hd, nq, nkv = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
         qkv = self._linear(x, qkv_w)
-        q = qkv[..., :nq].view(batch, t, -1, hd).transpose(1, 2)
-        k = qkv[..., nq:nq + nkv].view(batch, t, -1, hd).transpose(1, 2)
+        # RoPE on q and k at once ([batch, t, heads + kv_heads, head_dim]): the same products and
+        # sums per element as HF's apply_rotary_pos_emb, in half the kernel launches.
+        qk = qkv[..., :nq + nkv].view(batch, t, -1, hd)
         v = qkv[..., nq + nkv:].view(batch, t, -1, hd).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = (q * cos) + (_rotate_half(q) * sin)
-        k = (k * cos) + (_rotate_half(k) * sin)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        qk = (qk * cos) + (_rotate_half(qk) * sin)
+        q = qk[:, :, :self.heads].transpose(1, 2)
+        k = qk[:, :, self.heads:].transpose(1, 2)
         if self.k_cache[index] is None:  # dtypes as HF's cache holds them (fp32 keys, bf16 values under autocast)
             length = start + t + self.max_new
             self.k_cache[index] = k.new_empty((batch, self.kv_heads, length, hd))
@@ -213,13 +215,14 @@ class LlamaDecoder:
                  mask: torch.Tensor | None, expand: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [batch, vocab] of the last position (rows repeated as `expand` says, so that the
         LM head's GEMM has the batch's row count, as HF's has)."""
-        h = self.backbone.embed_tokens(ids)
+        # Modules are called through .forward: why_not() checked that none has hooks.
+        h = self.backbone.embed_tokens.forward(ids)
         for index, (norm1, _, _, norm2, gu_w, down_w, act) in enumerate(self.layers):
-            h = h + self._attention(index, norm1(h), cos, sin, start, mask)
-            gu = self._linear(norm2(h), gu_w)
-            gate, up = gu[..., :self.inter].contiguous(), gu[..., self.inter:].contiguous()
-            h = h + self._linear(act(gate) * up, down_w)
-        h = self.backbone.norm(h)
+            h = h + self._attention(index, norm1.forward(h), cos, sin, start, mask)
+            gu = self._linear(norm2.forward(h), gu_w)
+            # the activation sees a contiguous gate, as HF's does (same vectorised/scalar split)
+            h = h + self._linear(act.forward(gu[..., :self.inter].contiguous()) * gu[..., self.inter:], down_w)
+        h = self.backbone.norm.forward(h)
         if self.head_weight is not None and self.packed is not None and ids.shape[1] == 1:
             return self._linear(h, self.head_weight)[:, -1]
         last = h[:, -1:, :] if expand is None else h[:, -1:, :][expand]
@@ -234,7 +237,7 @@ class LlamaDecoder:
         batch, prompt = input_ids.shape
         self.k_cache: list[torch.Tensor | None] = [None] * len(self.layers)
         self.v_cache: list[torch.Tensor | None] = [None] * len(self.layers)
-        self.length = prompt
+        self.length = self.prompt = prompt
         device = input_ids.device
         # cos/sin for every position, from the model's own rotary module (its dtype follows the
         # embedding output's, as HF's does); a table length that is a multiple of 32 keeps every
@@ -243,7 +246,9 @@ class LlamaDecoder:
         positions = -(-(prompt + self.max_new) // 32) * 32
         cos, sin = self.backbone.rotary_emb(probe, torch.arange(positions, device=device)[None])
         self.cos_table, self.sin_table = cos[0], sin[0]
-        self.next_position = position_ids[:, -1] + 1
+        steps = position_ids[:, -1:] + 1 + torch.arange(max(self.max_new - 1, 1), device=device)
+        # each row's positions for the decode steps (cos/sin slices, no indexing per step)
+        self.step_cos, self.step_sin = self.cos_table[steps], self.sin_table[steps]
         keys = attention_mask.bool()
         if bool(keys.all()):
             self.step_mask = None
@@ -273,13 +278,13 @@ class LlamaDecoder:
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Logits after feeding `token` [batch] at each row's next position."""
-        position = self.next_position[:, None]
         start = self.length
+        step = start - self.prompt
         self.length += 1
-        self.next_position = self.next_position + 1
         mask = None if self.step_mask is None else self.step_mask[..., :self.length]
         with torch.no_grad():
-            return self._forward(token[:, None], self.cos_table[position], self.sin_table[position], start, mask)
+            return self._forward(token[:, None], self.step_cos[:, step:step + 1], self.step_sin[:, step:step + 1],
+                                 start, mask)
 
 
 def llama_decoder(model: torch.nn.Module, max_new_tokens: int) -> LlamaDecoder | None:
