@@ -235,6 +235,8 @@ class GrpoKind(TrainingKind):
             batch = collate_rows([[sequences[i]] for i in part], tok.pad_token_id,
                                  max(len(sequences[i].input_ids) for i in part))
             batch["advantages"] = advantages[m * per_micro:(m + 1) * per_micro].clone()
+            batch["prompt_lens"] = torch.tensor([len(prompts[i // g].input_ids) for i in part])
+            batch["completion_lens"] = torch.tensor([lengths[i] for i in part])
             batch = to_device(batch, engine.device)  # kept there while the rollout is trained on
             self._add_fixed_logps(engine, batch)
             batches.append(batch)
@@ -254,18 +256,24 @@ class GrpoKind(TrainingKind):
         reference's (only when beta > 0)."""
         import torch
 
+        spec = self.ctx.spec
+        with torch.no_grad(), engine.autocast():
+            if spec.epochs > 1:
+                batch["old_logp"] = self._logps(engine.model, batch).float()
+            if spec.beta > 0:
+                batch["ref_logp"] = self._logps(self._reference_model(engine), batch).float()
+
+    def _logps(self, model, batch):
+        """log π(completion token | prefix) per position of a rollout micro-batch [rows, T] (0 off
+        the completions): through `shared_prompt_logps` where it applies, else one forward of
+        every whole row."""
         from instar.trainer.losses import forward_logits
         from instar.trainer.rl import token_logps
 
         spec = self.ctx.spec
-        with torch.no_grad(), engine.autocast():
-            if spec.epochs > 1:
-                batch["old_logp"] = token_logps(forward_logits(engine.model, batch), batch["targets"],
-                                                spec.temperature).float()
-            if spec.beta > 0:
-                reference = self._reference_model(engine)
-                batch["ref_logp"] = token_logps(forward_logits(reference, batch), batch["targets"],
-                                                spec.temperature).float()
+        if shares_prompts(model, batch, spec.group_size):
+            return shared_prompt_logps(model, batch, spec.group_size, spec.temperature)
+        return token_logps(forward_logits(model, batch), batch["targets"], spec.temperature)
 
     def _reference_model(self, engine):
         if self._reference is None:
@@ -275,11 +283,10 @@ class GrpoKind(TrainingKind):
 
     # --- objective ---
     def loss(self, model, batch, denominator):
-        from instar.trainer.losses import forward_logits
-        from instar.trainer.rl import per_token_loss, reduce_loss, token_logps
+        from instar.trainer.rl import per_token_loss, reduce_loss
 
         spec = self.ctx.spec
-        logp = token_logps(forward_logits(model, batch), batch["targets"], spec.temperature)
+        logp = self._logps(model, batch)
         old = batch.get("old_logp", logp.detach())
         per_token, info = per_token_loss(logp, old, batch["advantages"], batch.get("ref_logp"), spec.clip_eps,
                                          spec.beta, spec.clip_eps_high)
@@ -300,3 +307,91 @@ class GrpoKind(TrainingKind):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._rollout, self._rollout_step = state["rollout"], int(state["rollout_step"])
+
+
+def shares_prompts(model, batch: dict, group_size: int) -> bool:
+    """Whether `shared_prompt_logps` applies: a rollout batch of whole groups (with its prompt and
+    completion lengths) and an HF model whose forward takes a KV cache and `logits_to_keep`, run
+    without what two forward calls per micro-batch would change: ZeRO-3's per-module hooks, FP8's
+    per-call amax histories, gradient checkpointing (HF turns the cache off under it), flash-attn's
+    varlen packing."""
+    import inspect
+
+    from instar.models.attention import uses_flash_attention
+
+    if "prompt_lens" not in batch or "completion_lens" not in batch or batch["input_ids"].shape[0] % group_size:
+        return False
+    hf = getattr(model, "module", model)
+    cached = getattr(hf, "_instar_shares_prompts", None)
+    if cached is None:
+        from instar.kernels.fp8.linear import Float8Linear
+
+        try:
+            params = inspect.signature(hf.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        cached = ("logits_to_keep" in params and ("cache" in params or "past_key_values" in params)
+                  and not uses_flash_attention(hf) and not _checkpointing(hf)
+                  and not any(hasattr(p, "ds_id") for p in hf.parameters())
+                  and not any(isinstance(m, Float8Linear) for m in hf.modules()))
+        try:
+            hf._instar_shares_prompts = cached
+        except AttributeError:
+            pass
+    return bool(cached) and not _checkpointing(hf)
+
+
+def _checkpointing(hf) -> bool:
+    flag = getattr(type(hf), "is_activation_checkpointing", None)  # transformers >= 5.x's name
+    return bool(getattr(hf, "is_activation_checkpointing" if flag is not None else "is_gradient_checkpointing", False))
+
+
+def shared_prompt_logps(model, batch: dict, group_size: int, temperature: float):
+    """`token_logps(forward_logits(model, batch), targets, temperature)` of a rollout micro-batch,
+    computing each group's prompt once: the group's `group_size` rows share it, and attention makes
+    the prompt's hidden states independent of what follows. One forward runs the distinct prompts
+    (right-padded, plain causal attention) and keeps their KV cache; the cache is repeated per
+    completion and a second forward runs the completions on it (a padding mask hides the shorter
+    prompts' and completions' padding). Gradients flow through the shared cache, so they are the
+    whole rows' gradients up to float rounding, at a fraction of the tokens: GRPO's prompts are
+    usually most of every row."""
+    import inspect
+
+    import torch
+
+    from instar.trainer.rl import token_logps
+
+    hf = getattr(model, "module", model)
+    cache_name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    ids = batch["input_ids"]
+    rows, width = ids.shape
+    device = ids.device
+    prompt_lens, completion_lens = batch["prompt_lens"].to(device), batch["completion_lens"].to(device)
+    first = torch.arange(0, rows, group_size, device=device)
+    plen = prompt_lens[first]
+    pmax, cmax = int(plen.max()), int(completion_lens.max())
+    prompt_pos = torch.arange(pmax, device=device)
+    prompt_mask = prompt_pos[None] < plen[:, None]
+    prompt_ids = ids[first, :pmax].masked_fill(~prompt_mask, 0)  # padding (after the prompt) is never attended to
+    last = plen - 1  # the position whose logits predict the first completion token
+    keep = torch.unique(last)
+    out = model(input_ids=prompt_ids, position_ids=prompt_pos[None].expand(len(first), -1), use_cache=True,
+                logits_to_keep=keep)
+    first_logits = out.logits[torch.arange(len(first), device=device), torch.searchsorted(keep, last)]
+    cache = getattr(out, "cache", None)
+    cache = out.past_key_values if cache is None else cache
+    for layer in cache.layers:
+        layer.batch_repeat_interleave(group_size)
+    step = torch.arange(cmax, device=device)
+    completion_mask = step[None] < completion_lens[:, None]
+    completion_ids = ids.gather(1, (prompt_lens[:, None] + step[None]).clamp(max=width - 1))
+    completion_ids = completion_ids.masked_fill(~completion_mask, 0)
+    attention = torch.cat([prompt_mask.repeat_interleave(group_size, 0), completion_mask], 1).long()
+    out = model(input_ids=completion_ids, attention_mask=attention, position_ids=prompt_lens[:, None] + step[None],
+                use_cache=True, **{cache_name: cache})
+    logits = torch.cat([first_logits.repeat_interleave(group_size, 0)[:, None], out.logits[:, :-1]], 1)
+    logp = token_logps(logits, completion_ids.masked_fill(~completion_mask, IGNORE), temperature)
+    # back to the rows' layout: completion token j of row r is the target at position prompt_len - 1 + j
+    # (positions past a row's end receive 0s, at most clamped onto its last position, never a target)
+    where = (prompt_lens[:, None] - 1 + step[None]).clamp(max=width - 1)
+    return torch.zeros(rows, width, dtype=logp.dtype, device=device).scatter(1, where, logp)
