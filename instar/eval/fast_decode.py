@@ -1,8 +1,9 @@
 """A lean KV-cached decoder for Llama-architecture models (used by `generate.decode_batch`).
 
-HF's forward spends most of a small model's decode step outside arithmetic: building the 4D mask,
+HF's forward spends much of a small model's decode step outside arithmetic: building the 4D mask,
 growing the DynamicCache by `torch.cat`, recomputing rotary cos/sin, module and kwargs plumbing.
-This decoder keeps only the arithmetic, in HF's own op order:
+This decoder keeps only the arithmetic, in HF's own op order (on the CPU its logits are bitwise
+HF's wherever the vectorised/scalar split of elementwise kernels falls alike; tests hold 1e-5):
 
 - a static K/V cache per layer [batch, kv_heads, prompt + new tokens, head_dim], written in place;
 - rotary cos/sin computed once for every position by the model's own rotary module;
@@ -10,7 +11,10 @@ This decoder keeps only the arithmetic, in HF's own op order:
   it is right under ZeRO-3's `generation_model()` where they are gathered): one GEMM each;
 - the model's own embedding, norm, activation and LM-head modules (fused RMSNorm swaps included);
 - SDPA called exactly as transformers' `sdpa_attention_forward` calls it (same mask, same GQA
-  handling), only the last position through the LM head, under whatever autocast is active.
+  handling), only the last position through the LM head, under whatever autocast is active;
+- identical prompt rows (a GRPO group's copies) prefilled once, their cache rows copied;
+- on the CPU in fp32, the step GEMMs' weights prepacked for MKL once per call (same bits as
+  F.linear from 4 rows up; used from PACK_MIN_ROWS rows).
 
 It returns None (and the caller takes the HF path) for anything it does not reproduce exactly:
 another architecture, biases, linears that are not plain `nn.Linear` (FP8, LoRA, ...), non-default
@@ -139,7 +143,7 @@ class LlamaDecoder:
         self.head_dim, self.scaling = attn0.head_dim, attn0.scaling
         self.inter = backbone.layers[0].mlp.intermediate_size
         self.gqa_rule = _hf_gqa_rule()
-        self.dedup = True
+        self.dedup = True  # share the prefill of identical rows (off only to test it)
 
     # ------------------------------------------------------------------ GEMMs
 
