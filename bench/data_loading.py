@@ -63,7 +63,7 @@ def time_loader(sources, seq_len: int, global_batch: int, seconds: float) -> tup
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller corpora, shorter timings; RESULTS.md untouched")
-    ap.add_argument("--seconds", type=float, default=None, help="seconds per timing (default 8, quick 2)")
+    ap.add_argument("--seconds", type=float, default=None, help="seconds per timing (default 8, quick 1)")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from instar.data.jsonl import read_rows
@@ -72,14 +72,14 @@ def main() -> int:
     from instar.data.tokenizer import build_char_tokenizer
     from instar.trainer.kinds.pretrain import text_examples
 
-    seconds = args.seconds or (2.0 if args.quick else 8.0)
+    seconds = args.seconds or (1.0 if args.quick else 8.0)
     tok = build_char_tokenizer()
     # (mean document length in tokens, corpus tokens, seq_len, global batch rows)
     # Packing never splits a document, so rows are long next to the documents (as in practice).
     cases = [(2048, 30_000_000, 8192, 8), (1024, 20_000_000, 4096, 8), (256, 8_000_000, 2048, 16),
              (64, 2_000_000, 2048, 16)]
     if args.quick:
-        cases = [(m, n // 8, s, b) for m, n, s, b in cases]
+        cases = [(m, n // 16, s, b) for m, n, s, b in cases]
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         for mean, n_tokens, seq_len, gb in cases:

@@ -69,19 +69,20 @@ def _text(rng: random.Random, n: int) -> str:
     return "".join(rng.choice(ALPHABET) for _ in range(n))
 
 
-def write_data(work: Path) -> None:
-    """Row sizes in instar-char tokens: a chat turn pair renders as <bos>Q: u\\nA: a<eos>\\n (u + a + 10)."""
+def write_data(work: Path, rows: int = 400) -> None:
+    """`rows` rows per dataset (every contender wraps around them). Row sizes in instar-char tokens:
+    a chat turn pair renders as <bos>Q: u\\nA: a<eos>\\n (u + a + 10)."""
     rng = random.Random(0)
-    zero.write_data(work / "docs.jsonl", 400)  # <bos> + 254 + <eos> = 256
+    zero.write_data(work / "docs.jsonl", rows)  # <bos> + 254 + <eos> = 256
     with (work / "chat.jsonl").open("w") as fh:
-        for _ in range(400):
+        for _ in range(rows):
             fh.write(json.dumps({"messages": [{"role": "user", "content": _text(rng, 100)},
                                               {"role": "assistant", "content": _text(rng, SEQ - 110)}]}) + "\n")
     with (work / "prefs.jsonl").open("w") as fh:
-        for _ in range(400):  # chosen and rejected conversations are 128 tokens each
+        for _ in range(rows):  # chosen and rejected conversations are 128 tokens each
             fh.write(json.dumps({"prompt": _text(rng, 50), "chosen": _text(rng, 68), "rejected": _text(rng, 68)}) + "\n")
     with (work / "prompts.jsonl").open("w") as fh:
-        for _ in range(400):  # <bos>Q: p\nA:  = 64 tokens
+        for _ in range(rows):  # <bos>Q: p\nA:  = 64 tokens
             fh.write(json.dumps({"prompt": _text(rng, PROMPT_CHARS), "answer": str(rng.randint(0, 99))}) + "\n")
 
 
@@ -362,7 +363,8 @@ def report(results: dict[str, list[dict]], warmup: int, steps: int, load: float)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 run, 2 warm-up + 4 timed steps; leaves RESULTS.md")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 run, 1 warm-up + 4 timed steps, 128 rows per dataset; leaves RESULTS.md")
     parser.add_argument("--repeats", type=int, default=None, help="runs per contender (default 3, quick 1)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
@@ -370,7 +372,7 @@ def main() -> None:
     parser.add_argument("--run", help=argparse.SUPPRESS)  # one peer, in its own process
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     steps = args.steps if args.steps is not None else (4 if args.quick else 15)
     repeats = args.repeats or (1 if args.quick else 3)
     if args.run:
@@ -382,7 +384,8 @@ def main() -> None:
     results: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        write_data(work)
+        # --quick: fewer rows (less one-off work: TRL's dataset tokenisation, instar's reference pass)
+        write_data(work, 128 if args.quick else 400)
         run_instar_stage(work, None, 0, 1, "prep")  # the `base` weights every post-training contender starts from
         for i in range(repeats):
             order = names if i % 2 == 0 else names[::-1]  # alternate to spread drift in the machine's load
