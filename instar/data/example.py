@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 IGNORE = -100
 
@@ -15,6 +16,9 @@ class Example:
     input_ids: list[int]
     targets: list[int]
     segments: tuple[int, ...] = ()
+    # True where targets are always the next token of one document, IGNORE on its last: collation
+    # then derives them from the ids in one step (token shards' documents).
+    next_token_targets: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         assert len(self.input_ids) == len(self.targets)

@@ -40,12 +40,17 @@ def collate_rows(rows: list[list[Example]], pad_id: int, length: int) -> dict[st
     for r, row in enumerate(rows):
         if not row:
             continue
-        ids = np.concatenate([np.asarray(ex.input_ids, dtype=np.int64) for ex in row])
+        ids = np.concatenate([ex.input_ids for ex in row])  # lists or shard views; widened on assignment
         lengths = np.array([n for ex in row for n in ex.lengths], dtype=np.int64)
-        starts = np.cumsum(lengths) - lengths
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
         n = len(ids)
         input_ids[r, :n] = ids
-        targets[r, :n] = np.concatenate([np.asarray(ex.targets, dtype=np.int64) for ex in row])
+        if all(ex.next_token_targets for ex in row):
+            targets[r, :n - 1] = ids[1:]
+            targets[r, ends - 1] = IGNORE  # each document's last token predicts nothing
+        else:
+            targets[r, :n] = np.concatenate([np.asarray(ex.targets, dtype=np.int64) for ex in row])
         position_ids[r, :n] = np.arange(n, dtype=np.int64) - np.repeat(starts, lengths)
         doc_ids[r, :n] = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
     input_ids, targets, position_ids, doc_ids = map(torch.from_numpy, (input_ids, targets, position_ids, doc_ids))

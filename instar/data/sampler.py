@@ -45,10 +45,9 @@ class EpochSampler:
         return self._perm
 
     def next(self) -> int:
-        perm = self._permutation()
-        if self.pos >= len(perm):
+        if self.pos >= self.n:
             self.epoch, self.pos = self.epoch + 1, 0
-            perm = self._permutation()
+        perm = self._perm if self._perm_epoch == self.epoch else self._permutation()
         index = perm[self.pos]
         self.pos += 1
         return index
@@ -79,6 +78,9 @@ class MixtureSampler:
             self._cumulative.append(acc)
 
     def next(self) -> tuple[int, int]:
+        if len(self.sources) == 1:  # nothing to choose (the draw counter still advances)
+            self.draws += 1
+            return 0, self.sources[0].next()
         u = _uniform(self.seed, self.draws)
         self.draws += 1
         source = next((i for i, c in enumerate(self._cumulative) if u < c), len(self.sources) - 1)

@@ -172,6 +172,7 @@ class ArrayExample:
 
     __slots__ = ("input_ids",)
     segments = ()
+    next_token_targets = True  # see Example: collate_rows shifts the row's ids instead of calling `targets`
 
     def __init__(self, ids: np.ndarray):
         self.input_ids = ids  # a read-only view of the shard (uint16/uint32); collate widens it once
