@@ -143,7 +143,6 @@ class LlamaDecoder:
         self.head_dim, self.scaling = attn0.head_dim, attn0.scaling
         self.inter = backbone.layers[0].mlp.intermediate_size
         self.gqa_rule = _hf_gqa_rule()
-        self.dedup = True  # share the prefill of identical rows (off only to test it)
 
     # ------------------------------------------------------------------ GEMMs
 
@@ -158,8 +157,7 @@ class LlamaDecoder:
             weights.append(self.head_weight)
         if (rows < PACK_MIN_ROWS or device.type != "cpu" or dtype != torch.float32
                 or any(w.dtype != torch.float32 for w in weights) or torch.is_autocast_enabled("cpu")
-                or not torch.backends.mkl.is_available() or not hasattr(torch.ops.mkl, "_mkl_linear")
-                or os.environ.get("INSTAR_FAST_DECODE_PACK", "1") == "0"):
+                or not torch.backends.mkl.is_available() or not hasattr(torch.ops.mkl, "_mkl_linear")):
             return
         self.packed = {id(w): (torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w) for w in weights}
         self.rows = rows
@@ -263,7 +261,7 @@ class LlamaDecoder:
         first: dict[tuple, int] = {}
         rows = [first.setdefault(tuple(row), len(first)) for row in torch.cat([input_ids, attention_mask], 1).tolist()]
         unique = None
-        if len(first) < batch and self.dedup:
+        if len(first) < batch:
             unique = torch.tensor([rows.index(i) for i in range(len(first))], device=device)
             input_ids, keys, position_ids = input_ids[unique], keys[unique], position_ids[unique]
         mask = None

@@ -15,9 +15,6 @@ def _one_document_per_row(batch: dict[str, torch.Tensor]) -> bool:
     return bool(((doc_ids[:, 0] == 0).all() & (doc_ids[:, 1:] <= doc_ids[:, :-1]).all()))
 
 
-def _varlen(model, batch: dict[str, torch.Tensor]) -> bool:
-    """A packed batch for a flash-attn model: run it as one row, documents split by position ids."""
-    return uses_flash_attention(model) and not _one_document_per_row(batch)
 
 
 def attention_mask(model, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -36,33 +33,32 @@ def attention_mask(model, batch: dict[str, torch.Tensor]) -> torch.Tensor | None
     return None
 
 
+def _model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """The forward's ids, positions and mask. A packed batch for a flash-attn model runs as one row
+    whose position ids split the documents (no mask); the caller views the output back as [rows, seq]."""
+    if uses_flash_attention(model) and not _one_document_per_row(batch):
+        input_ids, position_ids = flatten_rows(batch)
+        return {"input_ids": input_ids, "position_ids": position_ids}
+    return {"input_ids": batch["input_ids"], "attention_mask": attention_mask(model, batch),
+            "position_ids": batch["position_ids"]}
+
+
 def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of a (possibly packed) batch: per-document positions, and documents kept apart by a
     block-diagonal mask (SDPA) or by flash-attn's varlen kernel (see instar.models.attention).
 
     use_cache=False matters: with a cache HF Llama ignores restarting position ids.
     """
-    if _varlen(model, batch):
-        input_ids, position_ids = flatten_rows(batch)
-        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-        return logits.view(*batch["input_ids"].shape, -1)
-    out = model(input_ids=batch["input_ids"], attention_mask=attention_mask(model, batch),
-                position_ids=batch["position_ids"], use_cache=False)
-    return out.logits
+    logits = model(**_model_inputs(model, batch), use_cache=False).logits
+    return logits.view(*batch["input_ids"].shape, -1)
 
 
 def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The backbone's last hidden states and the LM head's weight (tied or not), without running
     the head: what the fused linear + cross-entropy takes instead of logits."""
     hf = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
-    head = hf.get_output_embeddings().weight
-    if _varlen(hf, batch):
-        input_ids, position_ids = flatten_rows(batch)
-        hidden = hf.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        return hidden.view(*batch["input_ids"].shape, -1), head
-    out = hf.model(input_ids=batch["input_ids"], attention_mask=attention_mask(hf, batch),
-                   position_ids=batch["position_ids"], use_cache=False)
-    return out.last_hidden_state, head
+    hidden = hf.model(**_model_inputs(hf, batch), use_cache=False).last_hidden_state
+    return hidden.view(*batch["input_ids"].shape, -1), hf.get_output_embeddings().weight
 
 
 def causal_lm_loss(model, batch: dict[str, torch.Tensor], n_targets: int) -> tuple[torch.Tensor, dict[str, float]]:
