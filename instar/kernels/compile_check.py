@@ -39,6 +39,14 @@ def _arg_type(value) -> str:
     raise TypeError(f"no Triton type for {type(value).__name__}")
 
 
+def _divisible_by_16(value) -> bool:
+    """The alignment a real launch specializes on: 16-byte aligned pointers and ints divisible by
+    16 compile with `tt.divisibility = 16`, which is what lets Triton vectorize loads and stores."""
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0
+    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
+
+
 def compiling_launches(arch: int):
     """Patch JITFunction.run so that a launch compiles for `arch` instead of running; returns the
     list the (kernel name, compiled kernel) of each launch is appended to."""
@@ -53,7 +61,7 @@ def compiling_launches(arch: int):
     def run(self, *args, grid, warmup, **kwargs):
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in LAUNCH_OPTIONS}
         values = dict(zip(self.arg_names, args)) | kwargs
-        signature, constexprs = {}, {}
+        signature, constexprs, attrs = {}, {}, {}
         for i, param in enumerate(self.params):
             value = values.get(param.name, param.default)
             if param.is_constexpr:
@@ -61,7 +69,9 @@ def compiling_launches(arch: int):
                 constexprs[(i,)] = value
             else:
                 signature[param.name] = _arg_type(value)
-        kernel = triton.compile(ASTSource(self, signature, constexprs), target=target, options=options)
+                if _divisible_by_16(value) and not param.do_not_specialize:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target, options=options)
         compiled.append((self.__name__, kernel))
 
     JITFunction.run = run
@@ -101,11 +111,12 @@ def exercise_every_op() -> None:
         cross_entropy_grad_(torch.randn(8, 1000, dtype=dtype), torch.randint(0, 1000, (8,)), -100)
         h = torch.randn(4, 256, dtype=dtype, requires_grad=True)
         rms_norm(h, torch.ones(256, dtype=dtype), 1e-6).sum().backward()
-    p = torch.randn(1000, dtype=torch.bfloat16)
     scalars = step_scalars(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, t=1)
-    for v_lo in (None, torch.zeros_like(p)):
-        collage_step_(p, torch.zeros_like(p), torch.randn_like(p), torch.zeros_like(p), torch.zeros_like(p), v_lo,
-                      scalars)
+    for numel in (1000, 4096):  # a ragged size, and one divisible by 16 (vectorized loads, as in training)
+        p = torch.randn(numel, dtype=torch.bfloat16)
+        for v_lo in (None, torch.zeros_like(p)):
+            collage_step_(p, torch.zeros_like(p), torch.randn_like(p), torch.zeros_like(p), torch.zeros_like(p),
+                          v_lo, scalars)
 
 
 def main(argv: list[str] | None = None) -> int:

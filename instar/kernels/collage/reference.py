@@ -82,7 +82,7 @@ class StepScalars:
     one_minus_beta2: float
     eps: float
     step_size: float  # lr / (1 - β1^t)
-    bias2_sqrt: float  # sqrt(1 - β2^t)
+    inv_bias2_sqrt: float  # 1 / sqrt(1 - β2^t): a multiply, where torch's AdamW divides (<= 1 ulp apart)
     decay: float  # lr · weight_decay
 
 
@@ -92,7 +92,7 @@ def step_scalars(lr: float, betas: tuple[float, float], eps: float, weight_decay
     b2_hi, b2_lo = split(b2)
     return StepScalars(beta1=f32(b1), one_minus_beta1=f32(1 - b1), beta2=f32(b2), beta2_hi=b2_hi, beta2_lo=b2_lo,
                        one_minus_beta2=f32(1 - b2), eps=f32(eps), step_size=f32(lr / (1 - b1**t)),
-                       bias2_sqrt=f32(math.sqrt(1 - b2**t)), decay=f32(lr * weight_decay))
+                       inv_bias2_sqrt=f32(1 / math.sqrt(1 - b2**t)), decay=f32(lr * weight_decay))
 
 
 def collage_step_(hi: torch.Tensor, lo: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
@@ -112,7 +112,7 @@ def collage_step_(hi: torch.Tensor, lo: torch.Tensor, grad: torch.Tensor, m: tor
         v_new, v_lo_new = mul(v.to(F32), v_lo.to(F32), c.beta2_hi, c.beta2_lo)
         v_new, v_lo_new = grow(v_new, v_lo_new, rn(c.one_minus_beta2 * g2))
         v_lo.copy_(v_lo_new)
-    denom = torch.sqrt(v_new) / c.bias2_sqrt + c.eps
+    denom = torch.sqrt(v_new) * c.inv_bias2_sqrt + c.eps
     u = rn(-((c.step_size * m_new) / denom) - c.decay * w_hi)
     new_hi, new_lo = grow(w_hi, w_lo, u)
     d = (new_hi - w_hi) + (new_lo - w_lo)

@@ -19,6 +19,9 @@ BLOCK, NUM_WARPS = 1024, 4  # bench/collage_bandwidth.py times the alternatives 
 
 @triton.jit
 def _two_sum(a, b):
+    # On sm_90 an fp32 add/sub of bf16 values followed by round_to_bf16 compiles to one native bf16
+    # instruction (HADD2/HFMA2.BF16), so the roundings cost nothing. Dropping the four that never
+    # change a value (Knuth's 2Sum lemma) made the kernel longer: fp32 ops plus conversions.
     s = round_to_bf16(a + b)
     a1 = round_to_bf16(s - b)
     b1 = round_to_bf16(s - a1)
@@ -47,7 +50,7 @@ def _mul(hi, lo, b_hi, b_lo):
 @triton.jit
 def _collage_step_kernel(hi_ptr, lo_ptr, g_ptr, m_ptr, v_ptr, vlo_ptr, stats_ptr, n,
                          beta1, one_minus_beta1, beta2, beta2_hi, beta2_lo, one_minus_beta2, eps,
-                         step_size, bias2_sqrt, decay,
+                         step_size, inv_bias2_sqrt, decay,
                          PLUS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -67,7 +70,7 @@ def _collage_step_kernel(hi_ptr, lo_ptr, g_ptr, m_ptr, v_ptr, vlo_ptr, stats_ptr
         tl.store(vlo_ptr + offs, v_lo_new.to(tl.bfloat16), mask=mask)
     else:
         v_new = round_to_bf16(beta2 * v + one_minus_beta2 * g2)
-    denom = tl.div_rn(tl.sqrt_rn(v_new), bias2_sqrt) + eps
+    denom = tl.sqrt_rn(v_new) * inv_bias2_sqrt + eps
     u = round_to_bf16(-tl.div_rn(step_size * m_new, denom) - decay * w_hi)
     new_hi, new_lo = _grow(w_hi, w_lo, u)
 
@@ -76,19 +79,23 @@ def _collage_step_kernel(hi_ptr, lo_ptr, g_ptr, m_ptr, v_ptr, vlo_ptr, stats_ptr
     tl.store(hi_ptr + offs, new_hi.to(tl.bfloat16), mask=mask)
     tl.store(lo_ptr + offs, new_lo.to(tl.bfloat16), mask=mask)
 
-    # Descent-quality statistics of this block (masked lanes have u == 0 and d == 0).
+    # Descent-quality statistics of this block (masked lanes have u == 0 and d == 0). The two counts
+    # (each <= BLOCK < 2^16) share one integer reduction: moved + 2^16 * lost.
     d = (new_hi - w_hi) + (new_lo - w_lo)
     moved = u != 0
+    counts = tl.sum(moved.to(tl.int32) + ((moved & (d == 0)).to(tl.int32) << 16), axis=0)
     tl.store(stats_ptr + pid * 4 + 0, tl.sum(d * u, axis=0))
     tl.store(stats_ptr + pid * 4 + 1, tl.sum(u * u, axis=0))
-    tl.store(stats_ptr + pid * 4 + 2, tl.sum((moved & (d == 0)).to(tl.float32), axis=0))
-    tl.store(stats_ptr + pid * 4 + 3, tl.sum(moved.to(tl.float32), axis=0))
+    tl.store(stats_ptr + pid * 4 + 2, (counts >> 16).to(tl.float32))
+    tl.store(stats_ptr + pid * 4 + 3, (counts & 0xFFFF).to(tl.float32))
 
 
 def collage_step_(hi: torch.Tensor, lo: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
                   v_lo: torch.Tensor | None, c: StepScalars, block: int = BLOCK,
                   num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Same contract as reference.collage_step_ (contiguous tensors of one shape)."""
+    if block >= 2**16:
+        raise ValueError(f"Collage step: BLOCK {block} too large (the per-block counts are packed in 16 bits)")
     n = hi.numel()
     grid = (triton.cdiv(n, block),)
     stats = torch.empty((grid[0], 4), dtype=torch.float32, device=hi.device)
@@ -96,5 +103,5 @@ def collage_step_(hi: torch.Tensor, lo: torch.Tensor, grad: torch.Tensor, m: tor
     extra = {} if interpreted() else {"enable_fp_fusion": False, "num_warps": num_warps}
     _collage_step_kernel[grid](hi, lo, grad, m, v, v_lo if plus else v, stats, n,
                                c.beta1, c.one_minus_beta1, c.beta2, c.beta2_hi, c.beta2_lo, c.one_minus_beta2,
-                               c.eps, c.step_size, c.bias2_sqrt, c.decay, PLUS=plus, BLOCK=block, **extra)
+                               c.eps, c.step_size, c.inv_bias2_sqrt, c.decay, PLUS=plus, BLOCK=block, **extra)
     return stats.sum(0)
