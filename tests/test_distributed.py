@@ -252,6 +252,8 @@ def test_grpo_on_two_ranks_computes_what_one_process_does(tmp_path: Path, zero: 
         "group_size": 4, "max_new_tokens": 6, "beta": 0.05, "epochs": 2, "temperature": 2.0,
         "rewards": [{"fn": "tests.grpo_rewards:ones"}, {"fn": "format", "weight": 0.5}],
         "train": {"steps": 4, "micro_batch_size": 2, "lr": 1e-2},
+        "eval": {"exact_match": {"data": {"generate": {"task": "arithmetic", "split": "heldout", "rows": 8}},
+                                 "formats": ["chat"]}},
     }
     if zero == 3:
         recipe["defaults"]["distributed"]["deepspeed_config"] = {
@@ -269,3 +271,8 @@ def test_grpo_on_two_ranks_computes_what_one_process_does(tmp_path: Path, zero: 
     assert _losses(two, "grpo") == pytest.approx(_losses(one, "grpo"), rel=1e-4, abs=1e-6)
     for key, value in _weights(one, "grpo").items():
         torch.testing.assert_close(_weights(two, "grpo")[key], value, atol=5e-5, rtol=1e-4)
+    # Rollouts and rank 0's eval took the lean decoder (DeepSpeed's own module hooks once sent them
+    # all through HF's forward, announced in the rank logs).
+    assert (two / "grpo" / "eval.jsonl").read_text().strip()
+    for log in sorted((two / "grpo" / "logs").glob("rank*.log")):
+        assert "not the lean decoder" not in log.read_text(), log

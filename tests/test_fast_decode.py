@@ -174,6 +174,19 @@ def test_models_it_does_not_reproduce_take_the_hf_path(monkeypatch, name):
     assert base != default
 
 
+def test_taking_the_hf_path_is_announced_once_per_reason(monkeypatch, capsys):
+    import instar.eval.fast_decode as fd
+
+    monkeypatch.setattr(fd, "_announced", set())
+    model = _fallback_models()["eager_attention"]
+    assert llama_decoder(model, 4) is None and llama_decoder(model, 4) is None
+    err = capsys.readouterr().err
+    assert err.count("not the lean decoder") == 1 and "'eager'" in err
+    monkeypatch.setenv("INSTAR_FAST_DECODE", "0")  # asked for: nothing to announce
+    assert llama_decoder(_llama(), 4) is None
+    assert capsys.readouterr().err == ""
+
+
 def test_float8_linear_swap_takes_the_hf_path():
     from instar.kernels.fp8.linear import Float8Linear
 

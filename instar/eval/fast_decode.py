@@ -24,6 +24,7 @@ RoPE, non-SDPA attention, hooks or patched forwards, attention dropout while tra
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -289,9 +290,20 @@ class LlamaDecoder:
                                  start, mask)
 
 
+_announced: set[str] = set()
+
+
 def llama_decoder(model: torch.nn.Module, max_new_tokens: int) -> LlamaDecoder | None:
     """A `LlamaDecoder` for `model`, or None where it would not reproduce the model's forward
-    (set INSTAR_FAST_DECODE=0 to always take the HF path)."""
-    if os.environ.get("INSTAR_FAST_DECODE", "1") == "0" or why_not(model) is not None:
+    (set INSTAR_FAST_DECODE=0 to always take the HF path). The first time each reason declines
+    it, stderr says so: sampling several times slower should never be silent."""
+    if os.environ.get("INSTAR_FAST_DECODE", "1") == "0":
+        return None
+    why = why_not(model)
+    if why is not None:
+        if why not in _announced:
+            _announced.add(why)
+            print(f"instar: sampling through transformers' forward, not the lean decoder ({why})", file=sys.stderr,
+                  flush=True)
         return None
     return LlamaDecoder(model, max_new_tokens)

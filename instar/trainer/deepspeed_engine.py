@@ -135,12 +135,39 @@ class DeepSpeedEngine(Engine):
         duration: hooked generation hangs when ranks generate different numbers of tokens, and
         is ~4x slower even with synced_gpus (measured: ../shared/notes/cpu-testing.md)."""
         if self.zero_stage < 3:
-            yield self.ds.module
+            with self.hooks_lifted():
+                yield self.ds.module
             return
         from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
-        with unwrap_model_for_generation(self.ds) as unwrapped:
+        with unwrap_model_for_generation(self.ds) as unwrapped, self.hooks_lifted():
             yield unwrapped.module
+
+    @contextlib.contextmanager
+    def hooks_lifted(self):
+        """Detach the forward hooks DeepSpeed keeps on the top module (the engine's timers, flops
+        profiler and ZeRO-3 parameter discovery; ZeRO-3's start-of-forward reset) while sampling.
+        They serve training forwards and do not change what sampling computes (fp16 auto-cast, the
+        one that touches inputs, casts floating tensors only; sampling feeds token ids), but
+        fast_decode rightly refuses any hooked model, so with them attached every DeepSpeed
+        rollout took the slower HF path. Put back in their order afterwards."""
+        offload = getattr(self.ds.optimizer, "parameter_offload", None)
+        handles = [getattr(self.ds, "module_forward_pre_hook", None), getattr(self.ds, "module_forward_post_hook", None),
+                   getattr(offload, "fwd_pre_hook", None)]
+        ids = {h.id for h in handles if h is not None}
+        module = self.ds.module
+        tables = [module._forward_pre_hooks, module._forward_hooks]
+        saved = [list(table.items()) for table in tables]
+        for table in tables:
+            for hook_id in ids:
+                table.pop(hook_id, None)
+        try:
+            yield
+        finally:
+            for table, items in zip(tables, saved):
+                added = [(k, v) for k, v in table.items() if k not in dict(items)]
+                table.clear()
+                table.update(items + added)
 
     def export_model(self) -> torch.nn.Module | None:
         """On rank 0, the whole model (ZeRO-3 shards gathered from every rank); None elsewhere.

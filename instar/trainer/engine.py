@@ -75,6 +75,13 @@ class Engine(ABC):
         eval); None on other ranks. Every rank must call it."""
 
     @contextmanager
+    def hooks_lifted(self) -> Iterator[None]:
+        """While inside, the engine's own forward hooks are off the model `export_model` returned,
+        so eval on rank 0 decodes it like a plain HF model (fast_decode refuses hooked models).
+        Local to the calling rank."""
+        yield
+
+    @contextmanager
     def generation_model(self) -> Iterator[torch.nn.Module]:
         """The plain HF model for sampling (RL rollouts); every rank must enter it together."""
         yield self.model

@@ -213,7 +213,8 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
             if spec.eval.every and step % spec.eval.every == 0 and step < train.steps and evaluator.enabled:
                 full = engine.export_model()
                 if main:
-                    result = evaluator(full, step)
+                    with engine.hooks_lifted():
+                        result = evaluator(full, step)
                     eval_log.write(result)
                     mirrors.write(result)
                 engine.barrier()
@@ -236,7 +237,8 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
     full = engine.export_model()
     final: dict[str, Any] = {}
     if main:
-        final_eval = evaluator(full, step) if evaluator.enabled else {}
+        with engine.hooks_lifted():
+            final_eval = evaluator(full, step) if evaluator.enabled else {}
         if final_eval:
             eval_log.write(final_eval)
             mirrors.write(final_eval)
