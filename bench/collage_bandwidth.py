@@ -10,8 +10,9 @@ target is judged on the default. Bandwidth = bytes / time, reported against (a) 
 peak where the name is known (H100 SXM 3.35 TB/s, H100 PCIe 2.0, H200 4.8, A100 80GB 2.0 / 40GB 1.555)
 and (b) a measured device-to-device copy (`dst.copy_(src)`, 2 bytes moved per byte copied), the
 practical ceiling. The target is judged against (a), or (b) when the device is not in the table.
-For context, torch's fused fp32 AdamW step (`torch.optim.AdamW(fused=True)`, fp32 param, grad, m, v:
-28 bytes per element) is timed the same way.
+A kernel with the step's memory traffic and no arithmetic (bench/same_streams.py) gives the
+ceiling for this access pattern. For context, torch's fused fp32 AdamW step
+(`torch.optim.AdamW(fused=True)`, fp32 param, grad, m, v: 28 bytes per element) is timed the same way.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> None:
 
     from instar.kernels.collage import reference
     from instar.kernels.collage.triton import BLOCK, NUM_WARPS, collage_step_
+    from same_streams import same_streams_
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--numel", type=int, default=2**28)
@@ -72,6 +74,9 @@ def main() -> None:
             seconds = bench(lambda: collage_step_(hi, lo, g, m, v, v_lo, scalars, block=block, num_warps=warps))
             key = variant if (block, warps) == (BLOCK, NUM_WARPS) else f"{variant} (BLOCK {block}, {warps} warps)"
             results[key] = {"seconds": seconds, "bytes_per_s": bytes_per * n / seconds}
+        seconds = bench(lambda: same_streams_(hi, lo, g, m, v, v_lo, BLOCK, NUM_WARPS))
+        results[f"{variant} traffic alone (no arithmetic)"] = {"seconds": seconds,
+                                                              "bytes_per_s": bytes_per * n / seconds}
         del g, hi, lo, m, v, v_lo
         torch.cuda.empty_cache()
 
