@@ -68,3 +68,9 @@ def write_recipe(folder: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
 @pytest.fixture
 def recipe_path(tmp_path: Path) -> Path:
     return write_recipe(tmp_path, TINY)
+
+
+def same_batch(a: dict, b: dict) -> bool:
+    """Equal collated batches: their tensors, and collate_rows' one_document_per_row flag."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+                                        for k in a)

@@ -10,6 +10,8 @@ from instar.data.sampler import EpochSampler, MixtureSampler
 from instar.data.tokenizer import build_char_tokenizer
 from instar.errors import DataError
 from instar.models.build import model_from_config
+from instar.trainer.engine import to_device
+from tests.conftest import same_batch
 from instar.trainer.kinds.sft import chat_examples
 from instar.trainer.losses import forward_logits
 
@@ -76,7 +78,18 @@ def test_batcher_state_includes_the_waiting_example():
     b.load_state_dict(state)
     for want in expected:
         got = b.next_batch(2)
-        assert all(torch.equal(got[k], want[k]) for k in want)
+        assert same_batch(got, want)
+
+
+@pytest.mark.parametrize("rows, one", [([[3], [5], [2]], True), ([[3], [2, 4]], False), ([[3], []], False),
+                                       ([[64], [1]], True)])
+def test_collate_decides_on_the_host_whether_rows_need_the_mask(rows, one):
+    """The flag the loss uses instead of a device sync is the device predicate it replaced."""
+    from instar.trainer.losses import _one_document_per_row
+
+    batch = collate_rows([[causal_example(list(range(1, n + 1))) for n in row] for row in rows], 0, 64)
+    assert batch["one_document_per_row"] is one
+    assert _one_document_per_row({"doc_ids": batch["doc_ids"]}) is one
 
 
 def test_causal_example_masks_and_shifts():
@@ -153,7 +166,7 @@ def test_packed_batch_equals_one_by_one_with_flash_attention():
     assert select_attention(model, torch.device("cuda"), "bf16-pure") == FLASH
     per_row, batch = _packed_conversations(tok, rows=2)
     with torch.no_grad():
-        logits = forward_logits(model, {k: v.cuda() for k, v in batch.items()})
+        logits = forward_logits(model, to_device(batch, torch.device("cuda")))
         for r, row in enumerate(per_row):
             offset = 0
             for ex in row:

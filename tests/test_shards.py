@@ -23,7 +23,7 @@ from instar.graph.dag import StageGraph
 from instar.graph.plan import make_plan
 from instar.graph.runner import run_recipe
 from instar.trainer.kinds.pretrain import text_examples
-from tests.conftest import tiny_recipe, write_recipe
+from tests.conftest import same_batch, tiny_recipe, write_recipe
 
 
 @pytest.fixture()
@@ -70,8 +70,7 @@ def test_packed_batches_and_rank_slices_equal_the_jsonl_paths(corpus: Path, tmp_
         a, b = lists.next_rows(8), arrays.next_rows(8)
         for rank in range(2):  # the loop's rank slice: rows [rank * 4, (rank + 1) * 4)
             ta, tb = lists.collate(a[rank * 4:(rank + 1) * 4]), arrays.collate(b[rank * 4:(rank + 1) * 4])
-            for key in ta:
-                assert torch.equal(ta[key], tb[key]), key
+            assert same_batch(ta, tb)
     assert lists.truncated == arrays.truncated > 0
 
 
@@ -87,8 +86,7 @@ def test_resume_state_continues_the_stream(corpus: Path, tmp_path: Path):
     resumed = _batcher(TokenShards(tmp_path / "shards"))
     resumed.load_state_dict(state)
     for _ in range(5):
-        a, b = whole.next_batch(4), resumed.next_batch(4)
-        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert same_batch(whole.next_batch(4), resumed.next_batch(4))
 
 
 def test_pretrain_stage_on_shards_trains_like_on_jsonl(corpus: Path, tmp_path: Path):

@@ -41,6 +41,18 @@ def _cluster_up() -> str | None:
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(_cluster_up() is not None, reason=str(_cluster_up()))]
 
 
+@pytest.fixture(autouse=True)
+def _cancel_own_jobs(tmp_path: Path):
+    """A test that fails or is interrupted must not leave its jobs on the test cluster: three such
+    jobs held its CPUs for hours (found 2026-11-27). Its jobs are those submitted from tmp_path."""
+    yield
+    out = subprocess.run(["squeue", "-h", "-o", "%i %Z"], capture_output=True, text=True, timeout=30).stdout
+    own = [job for job, _, workdir in (line.partition(" ") for line in out.splitlines())
+           if Path(workdir) == tmp_path or tmp_path in Path(workdir).parents]
+    if own:
+        subprocess.run(["scancel", *own], timeout=30)
+
+
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-m", "instar.cli", *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200"}, timeout=300)

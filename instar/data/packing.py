@@ -28,8 +28,9 @@ def block_diagonal_mask(doc_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return mask[:, None]
 
 
-def collate_rows(rows: list[list[Example]], pad_id: int, length: int) -> dict[str, torch.Tensor]:
-    """Lay out rows of examples (each row's examples end to end) as padded tensors of `length`."""
+def collate_rows(rows: list[list[Example]], pad_id: int, length: int) -> dict[str, torch.Tensor | bool]:
+    """Lay out rows of examples (each row's examples end to end) as padded tensors of `length`,
+    plus `one_document_per_row` (a bool: every row is one document from position 0)."""
     # Filled in numpy, one concatenation per row, and handed to torch at the end (no tensor ops per
     # document or row): rows of many short documents and memmap token shards stay fast.
     b = len(rows)
@@ -53,8 +54,12 @@ def collate_rows(rows: list[list[Example]], pad_id: int, length: int) -> dict[st
             targets[r, :n] = np.concatenate([np.asarray(ex.targets, dtype=np.int64) for ex in row])
         position_ids[r, :n] = np.arange(n, dtype=np.int64) - np.repeat(starts, lengths)
         doc_ids[r, :n] = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    # Whether attention needs the block-diagonal mask (see trainer.losses.attention_mask), decided
+    # here on the host: deciding it from the device copy costs a sync before every forward.
+    one_document_per_row = bool((doc_ids[:, 0] == 0).all() and (doc_ids[:, 1:] <= doc_ids[:, :-1]).all())
     input_ids, targets, position_ids, doc_ids = map(torch.from_numpy, (input_ids, targets, position_ids, doc_ids))
-    return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "doc_ids": doc_ids}
+    return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "doc_ids": doc_ids,
+            "one_document_per_row": one_document_per_row}
 
 
 class Batcher:

@@ -179,16 +179,18 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
             data_s = time.perf_counter() - t0 - work.generate_seconds
             n_tokens = work.tokens
             lr = lr_at(step, train.steps, train.lr, train.warmup_ratio, train.min_lr_ratio)
-            loss_sum, extra = 0.0, {}
+            loss_sum, extra = None, {}
             for batch in work.batches:
                 batch = to_device(batch, engine.device)
                 with engine.autocast():
                     loss, m = kind.loss(engine.model, batch, work.denominator)
                 engine.backward(loss)
-                loss_sum += float(loss.detach())
+                # Summed on the device (in fp64, as Python floats would): one host sync a step, so
+                # the host queues the next micro-batch while this one's backward runs.
+                loss_sum = loss.detach().double() if loss_sum is None else loss_sum + loss.detach().double()
                 for key, value in m.items():
                     extra[key] = extra.get(key, 0.0) + value / len(work.batches)
-            loss_total = engine.all_reduce_sum(loss_sum)
+            loss_total = engine.all_reduce_sum(0.0 if loss_sum is None else float(loss_sum))
             grad_norm, applied = engine.step(lr, allow=math.isfinite(loss_total))
             extra.update(fp8_check.step_metrics())
             extra.update(engine.step_metrics())

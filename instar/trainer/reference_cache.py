@@ -38,6 +38,7 @@ def cache_path(ctx, reference: str, examples: list) -> Path:
 def pair_logps(model, examples: list, pad_id: int, batch_size: int = 32) -> torch.Tensor:
     """[N, 2] summed log-probs (chosen, rejected) of each two-segment example under `model`."""
     from instar.data.packing import collate_rows
+    from instar.trainer.engine import to_device
     from instar.trainer.kinds.dpo import segment_logps
     from instar.trainer.losses import forward_logits
 
@@ -46,7 +47,7 @@ def pair_logps(model, examples: list, pad_id: int, batch_size: int = 32) -> torc
         for start in range(0, len(examples), batch_size):
             rows = [[ex] for ex in examples[start:start + batch_size]]
             batch = collate_rows(rows, pad_id, max(len(r[0].input_ids) for r in rows))
-            batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+            batch = to_device(batch, next(model.parameters()).device)
             chosen, rejected, _, _ = segment_logps(forward_logits(model, batch), batch)
             out.append(torch.stack([chosen, rejected], dim=-1).float().cpu())
     return torch.cat(out)
