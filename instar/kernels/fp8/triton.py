@@ -69,7 +69,8 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, transpose: bool = False,
     history = current if scale_amax is None else scale_amax.reshape(1).float()
     data = torch.empty((m, n), dtype=dtype, device=x.device)
     data_t = torch.empty((n, m), dtype=dtype, device=x.device) if transpose else None
-    scale_inv = torch.ones(1, dtype=torch.float32, device=x.device)
+    # The cast kernel's first program writes it; only an empty tensor keeps the fill (saves a launch).
+    scale_inv = (torch.empty if x.numel() else torch.ones)(1, dtype=torch.float32, device=x.device)
     bm, bn = (256, 256) if interpreted() else (64, 64)
     if x.numel():
         _cast_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
