@@ -38,11 +38,17 @@ def collate_rows(rows: list[list[Example]], pad_id: int, length: int) -> dict[st
     targets = np.full((b, length), IGNORE, dtype=np.int64)
     position_ids = np.zeros((b, length), dtype=np.int64)
     doc_ids = np.full((b, length), -1, dtype=np.int64)
+    # Whether attention needs the block-diagonal mask (see trainer.losses.attention_mask), decided
+    # here on the host from the lengths: from the device copy it costs a sync before every forward.
+    # The same predicate as there: each row's doc ids start at 0 and never rise.
+    one_document_per_row = True
     for r, row in enumerate(rows):
         if not row:
+            one_document_per_row = False
             continue
         ids = np.concatenate([ex.input_ids for ex in row])  # lists or shard views; widened on assignment
         lengths = np.array([n for ex in row for n in ex.lengths], dtype=np.int64)
+        one_document_per_row = one_document_per_row and lengths.size > 0 and lengths[0] > 0 and not lengths[1:].any()
         ends = np.cumsum(lengths)
         starts = ends - lengths
         n = len(ids)
@@ -54,12 +60,9 @@ def collate_rows(rows: list[list[Example]], pad_id: int, length: int) -> dict[st
             targets[r, :n] = np.concatenate([np.asarray(ex.targets, dtype=np.int64) for ex in row])
         position_ids[r, :n] = np.arange(n, dtype=np.int64) - np.repeat(starts, lengths)
         doc_ids[r, :n] = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
-    # Whether attention needs the block-diagonal mask (see trainer.losses.attention_mask), decided
-    # here on the host: deciding it from the device copy costs a sync before every forward.
-    one_document_per_row = bool((doc_ids[:, 0] == 0).all() and (doc_ids[:, 1:] <= doc_ids[:, :-1]).all())
     input_ids, targets, position_ids, doc_ids = map(torch.from_numpy, (input_ids, targets, position_ids, doc_ids))
     return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "doc_ids": doc_ids,
-            "one_document_per_row": one_document_per_row}
+            "one_document_per_row": bool(one_document_per_row)}
 
 
 class Batcher:
