@@ -49,6 +49,19 @@ def test_sampler_is_a_fresh_permutation_per_epoch():
     assert sorted(first) == sorted(second) == list(range(10)) and first != second and s.epoch == 1
 
 
+def test_peek_and_advance_are_calls_of_next():
+    """What the shard packer draws with: across epoch ends, from any state."""
+    for k in (1, 6, 7, 23, 0):
+        a, b = MixtureSampler([EpochSampler(7, 4)], [1.0], seed=2), MixtureSampler([EpochSampler(7, 4)], [1.0], seed=2)
+        for _ in range(5):
+            a.next(), b.next()
+        peeked = a.peek(k)
+        assert a.state_dict() == b.state_dict()  # peeking draws nothing
+        assert peeked == [b.next()[1] for _ in range(k)]
+        a.advance(k)
+        assert a.state_dict() == b.state_dict() and [a.next() for _ in range(9)] == [b.next() for _ in range(9)]
+
+
 def test_mixture_resumes_exactly():
     def make():
         return MixtureSampler([EpochSampler(7, 1), EpochSampler(5, 2)], [0.7, 0.3], seed=9)

@@ -62,16 +62,28 @@ def test_round_trip_gives_the_jsonl_paths_documents(corpus: Path, tmp_path: Path
     assert offsets[0] == 0 and offsets[-1] == first["n_tokens"] and len(offsets) == first["documents"] + 1
 
 
-def test_packed_batches_and_rank_slices_equal_the_jsonl_paths(corpus: Path, tmp_path: Path):
+@pytest.mark.parametrize("seq_len", [64, 512])  # ~3 documents a row, and ~20 (packed with numpy: _pack_spans)
+def test_packed_batches_and_rank_slices_equal_the_jsonl_paths(corpus: Path, tmp_path: Path, seq_len: int,
+                                                             monkeypatch):
+    packed_with_numpy = []
+    monkeypatch.setattr(Batcher, "_pack_spans", lambda self, n, f=Batcher._pack_spans: packed_with_numpy.append(n)
+                        or f(self, n))
+    if seq_len == 512:  # a document longer than a row, to be cut there too
+        longer = tmp_path / "longer.jsonl"
+        longer.write_text(corpus.read_text() + json.dumps({"text": "y" * 600}) + "\n")
+        corpus = longer
     _tokenize(corpus, tmp_path / "shards")
-    lists = _batcher(text_examples(build_char_tokenizer(), [json.loads(x) for x in corpus.read_text().splitlines()]))
-    arrays = _batcher(TokenShards(tmp_path / "shards"))
-    for _ in range(40):  # several epochs of 602 documents, with truncation of the long one
-        a, b = lists.next_rows(8), arrays.next_rows(8)
+    lists = _batcher(text_examples(build_char_tokenizer(), [json.loads(x) for x in corpus.read_text().splitlines()]),
+                     seq_len)
+    arrays = _batcher(TokenShards(tmp_path / "shards"), seq_len)
+    for _ in range(40):  # several epochs of ~600 documents, with truncation of the long one
+        a, b = lists.next_rows(8), arrays.next_rows(8)  # a Python step per document / numpy over the shards
+        assert lists.state_dict() == arrays.state_dict()  # the same draws, the same waiting document
         for rank in range(2):  # the loop's rank slice: rows [rank * 4, (rank + 1) * 4)
             ta, tb = lists.collate(a[rank * 4:(rank + 1) * 4]), arrays.collate(b[rank * 4:(rank + 1) * 4])
             assert same_batch(ta, tb)
     assert lists.truncated == arrays.truncated > 0
+    assert bool(packed_with_numpy) == (seq_len == 512)
 
 
 def test_resume_state_continues_the_stream(corpus: Path, tmp_path: Path):

@@ -7,6 +7,9 @@ each packed document restarts its position ids and only attends within itself.
 
 from __future__ import annotations
 
+import bisect
+import itertools
+
 import numpy as np
 import torch
 
@@ -82,6 +85,7 @@ class Batcher:
         self.seq_len, self.packing, self.pad_id = seq_len, packing, pad_id
         self.pending: tuple[int, int] | None = None
         self.truncated = 0
+        self._docs_per_row = 1.0  # documents a row held in the last call: picks the packing path
 
     def _take(self) -> tuple[tuple[int, int], Example]:
         from_pending = self.pending is not None
@@ -95,6 +99,10 @@ class Batcher:
         return key, ex
 
     def next_rows(self, n: int) -> list[list[Example]]:
+        # Rows of many short documents from one token-shard source: packed with numpy (a Python step
+        # per document is the bottleneck there; with a few long documents a row the plain loop is faster).
+        if self.packing and self._docs_per_row >= 8 and self._one_shard_source():
+            return self._pack_spans(n)
         rows: list[list[Example]] = []
         for _ in range(n):
             key, ex = self._take()
@@ -107,7 +115,44 @@ class Batcher:
                 row.append(ex)
                 used += len(ex.input_ids)
             rows.append(row)
+        self._docs_per_row = count_examples(rows) / max(n, 1)
         return rows
+
+    def _one_shard_source(self) -> bool:
+        return (len(self.sources) == 1 and hasattr(self.sources[0], "spans") and hasattr(self.sampler, "peek")
+                and len(self.sampler.sources) == 1)
+
+    def _pack_spans(self, n: int) -> list[list[Example]]:
+        """`next_rows` for one token-shard source: the same rows, the same draws, the same state,
+        packed with numpy over the documents' lengths instead of a Python step per document."""
+        if n == 0:
+            return []
+        source, seq_len = self.sources[0], self.seq_len
+        carried = [] if self.pending is None else [self.pending[1]]
+        want = int(n * self._docs_per_row * 1.25) + 8  # enough, usually: peeking too far costs time
+        while True:
+            indices = np.array(carried + self.sampler.peek(want), dtype=np.int64)
+            shard, begin, end = source.spans(indices)
+            lengths = np.minimum(end - begin, seq_len)
+            filled = list(itertools.accumulate(lengths.tolist(), initial=0))
+            bounds, pos = [0], 0
+            for _ in range(n):
+                # the longest run of documents from `pos` that fits (the first one always does);
+                # the document after it is drawn and waits: it must be among those peeked
+                pos = max(pos + 1, bisect.bisect_right(filled, filled[pos] + seq_len) - 1)
+                if pos >= len(indices):
+                    break
+                bounds.append(pos)
+            if len(bounds) == n + 1:
+                break
+            want *= 2
+        self._docs_per_row = pos / n
+        drawn = slice(len(carried), pos + 1)  # from the sampler this call: the rows' documents + the waiting one
+        self.sampler.advance(drawn.stop - drawn.start)
+        self.truncated += int((end[drawn] - begin[drawn] > seq_len).sum())
+        self.pending = (0, int(indices[pos]))
+        examples = source.examples(shard[:pos], begin[:pos], begin[:pos] + lengths[:pos])
+        return [examples[a:b] for a, b in zip(bounds, bounds[1:])]
 
     def collate(self, rows: list[list[Example]]) -> dict[str, torch.Tensor]:
         length = self.seq_len if self.packing else max(sum(len(e.input_ids) for e in r) for r in rows)

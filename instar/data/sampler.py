@@ -33,24 +33,48 @@ class EpochSampler:
     pos: int = 0
     _perm: list[int] | None = field(default=None, repr=False, compare=False)
     _perm_epoch: int = field(default=-1, repr=False, compare=False)
+    _perms: dict[int, list[int]] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         assert self.n > 0
 
-    def _permutation(self) -> list[int]:
-        if self._perm_epoch != self.epoch:
+    def _permutation(self, epoch: int) -> list[int]:
+        perm = self._perms.get(epoch)
+        if perm is None:
             perm = list(range(self.n))
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(perm)
-            self._perm, self._perm_epoch = perm, self.epoch
-        return self._perm
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(perm)
+            # this epoch's and the one before (a `peek` past an epoch's end computes the next early)
+            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1} | {epoch: perm}
+        if epoch == self.epoch:
+            self._perm, self._perm_epoch = perm, epoch
+        return perm
 
     def next(self) -> int:
         if self.pos >= self.n:
             self.epoch, self.pos = self.epoch + 1, 0
-        perm = self._perm if self._perm_epoch == self.epoch else self._permutation()
+        perm = self._perm if self._perm_epoch == self.epoch else self._permutation(self.epoch)
         index = perm[self.pos]
         self.pos += 1
         return index
+
+    def peek(self, k: int) -> list[int]:
+        """What the next k calls of `next` would return, without drawing them."""
+        epoch, pos, out = self.epoch, self.pos, []
+        while len(out) < k:
+            if pos >= self.n:
+                epoch, pos = epoch + 1, 0
+            chunk = self._permutation(epoch)[pos:pos + k - len(out)]
+            out += chunk
+            pos += len(chunk)
+        return out
+
+    def advance(self, k: int) -> None:
+        """Draw k indices (as k calls of `next`) without returning them."""
+        while k > 0:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+            step = min(k, self.n - self.pos)
+            self.pos, k = self.pos + step, k - step
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
@@ -85,6 +109,17 @@ class MixtureSampler:
         self.draws += 1
         source = next((i for i, c in enumerate(self._cumulative) if u < c), len(self.sources) - 1)
         return source, self.sources[source].next()
+
+    def peek(self, k: int) -> list[int]:
+        """One source only: the indices the next k calls of `next` would draw from it."""
+        assert len(self.sources) == 1, "peek draws from a one-source mixture"
+        return self.sources[0].peek(k)
+
+    def advance(self, k: int) -> None:
+        """One source only: k calls of `next`, results unused."""
+        assert len(self.sources) == 1, "advance draws from a one-source mixture"
+        self.draws += k
+        self.sources[0].advance(k)
 
     def state_dict(self) -> dict:
         return {"draws": self.draws, "sources": [s.state_dict() for s in self.sources]}

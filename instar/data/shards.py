@@ -252,6 +252,27 @@ class TokenShards:
     def __getitem__(self, i: int) -> ArrayExample:
         return ArrayExample(self.document(i))
 
+    def spans(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shard, first token, end token) of each document in `indices`, without a Python step per
+        document: what the Batcher packs many short documents with."""
+        if indices.size and not (0 <= indices.min() and indices.max() < self.n):
+            raise IndexError(f"document indices outside [0, {self.n})")
+        if len(self.shards) == 1:
+            offsets = self.shards[0].offsets
+            return np.zeros(len(indices), np.int64), offsets[indices], offsets[indices + 1]
+        shard = np.searchsorted(self._starts, indices, side="right") - 1
+        begin, end = np.empty(len(indices), np.int64), np.empty(len(indices), np.int64)
+        for s in np.unique(shard).tolist():
+            pick = shard == s
+            j = indices[pick] - self._starts[s]
+            begin[pick], end[pick] = self.shards[s].offsets[j], self.shards[s].offsets[j + 1]
+        return shard, begin, end
+
+    def examples(self, shard: np.ndarray, begin: np.ndarray, end: np.ndarray) -> list[ArrayExample]:
+        """The documents `spans` described (ends may be cut short, as `ArrayExample.truncated` does)."""
+        tokens = [s.tokens for s in self.shards]
+        return [ArrayExample(tokens[s][b:e]) for s, b, e in zip(shard.tolist(), begin.tolist(), end.tolist())]
+
 
 def read_index(folder: Path) -> dict[str, Any]:
     """index.json of a shard folder, checked; DataError saying what is wrong and how to fix it."""
