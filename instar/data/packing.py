@@ -154,11 +154,11 @@ class Batcher:
         examples = source.examples(shard[:pos], begin[:pos], begin[:pos] + lengths[:pos])
         return [examples[a:b] for a, b in zip(bounds, bounds[1:])]
 
-    def collate(self, rows: list[list[Example]]) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[list[Example]]) -> dict[str, torch.Tensor | bool]:
         length = self.seq_len if self.packing else max(sum(len(e.input_ids) for e in r) for r in rows)
         return collate_rows(rows, self.pad_id, length)
 
-    def next_batch(self, n: int) -> dict[str, torch.Tensor]:
+    def next_batch(self, n: int) -> dict[str, torch.Tensor | bool]:
         return self.collate(self.next_rows(n))
 
     def state_dict(self) -> dict:

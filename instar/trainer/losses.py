@@ -9,14 +9,12 @@ from instar.data.packing import IGNORE, block_diagonal_mask
 from instar.models.attention import flatten_rows, uses_flash_attention
 
 
-def _one_document_per_row(batch: dict[str, torch.Tensor]) -> bool:
+def _one_document_per_row(batch: dict[str, torch.Tensor | bool]) -> bool:
     if "one_document_per_row" in batch:  # collate_rows decided it on the host
         return batch["one_document_per_row"]
     doc_ids = batch["doc_ids"]
     # Starting at 0 and never rising (-1 is padding): one reduction, one device sync per forward.
     return bool(((doc_ids[:, 0] == 0).all() & (doc_ids[:, 1:] <= doc_ids[:, :-1]).all()))
-
-
 
 
 def attention_mask(model, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:

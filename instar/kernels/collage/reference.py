@@ -82,7 +82,7 @@ class StepScalars:
     one_minus_beta2: float
     eps: float
     step_size: float  # lr / (1 - β1^t)
-    inv_bias2_sqrt: float  # 1 / sqrt(1 - β2^t): a multiply, where torch's AdamW divides (<= 1 ulp apart)
+    inv_bias2_sqrt: float  # 1 / sqrt(1 - β2^t): a multiply, where torch's AdamW divides (~1 ulp apart)
     decay: float  # lr · weight_decay
 
 

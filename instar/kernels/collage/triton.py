@@ -80,7 +80,7 @@ def _collage_step_kernel(hi_ptr, lo_ptr, g_ptr, m_ptr, v_ptr, vlo_ptr, stats_ptr
     tl.store(lo_ptr + offs, new_lo.to(tl.bfloat16), mask=mask)
 
     # Descent-quality statistics of this block (masked lanes have u == 0 and d == 0). The two counts
-    # (each <= BLOCK < 2^16) share one integer reduction: moved + 2^16 * lost.
+    # (each <= BLOCK < 2^15, so the int32 sum cannot overflow) share one reduction: moved + 2^16 * lost.
     d = (new_hi - w_hi) + (new_lo - w_lo)
     moved = u != 0
     counts = tl.sum(moved.to(tl.int32) + ((moved & (d == 0)).to(tl.int32) << 16), axis=0)
@@ -94,8 +94,9 @@ def collage_step_(hi: torch.Tensor, lo: torch.Tensor, grad: torch.Tensor, m: tor
                   v_lo: torch.Tensor | None, c: StepScalars, block: int = BLOCK,
                   num_warps: int = NUM_WARPS) -> torch.Tensor:
     """Same contract as reference.collage_step_ (contiguous tensors of one shape)."""
-    if block >= 2**16:
-        raise ValueError(f"Collage step: BLOCK {block} too large (the per-block counts are packed in 16 bits)")
+    if block >= 2**15:
+        raise ValueError(f"Collage step: BLOCK {block} too large (the per-block counts share one int32, "
+                         f"so BLOCK must stay below 32,768)")
     n = hi.numel()
     grid = (triton.cdiv(n, block),)
     stats = torch.empty((grid[0], 4), dtype=torch.float32, device=hi.device)
