@@ -54,6 +54,27 @@ def _losses(run_dir: Path, stage: str = "pretrain") -> list[float]:
     return [json.loads(x)["loss"] for x in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
 
 
+# Fields that time or measure this machine, not what was computed.
+TIMING_FIELDS = {"tokens_per_s", "data_share", "peak_mem_mb", "mfu", "tflops", "mfu_fp8"}
+
+
+def _computed_metrics(run_dir: Path, stage: str) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in rows]
+
+
+def _assert_same_metrics(two: Path, one: Path, stage: str, kind_fields: set[str]) -> None:
+    """Every logged metric of every step equal on 2 ranks and on one process: means over the
+    whole step, not rank 0's view."""
+    got, want = _computed_metrics(two, stage), _computed_metrics(one, stage)
+    assert len(got) == len(want) and got
+    for step, (g, w) in enumerate(zip(got, want), start=1):
+        assert g.keys() == w.keys(), (step, g.keys() ^ w.keys())
+        assert kind_fields <= g.keys(), kind_fields - g.keys()
+        for key in w:
+            assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-6), (step, key, g[key], w[key])
+
+
 def _weights(run_dir: Path, stage: str) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / stage / "model" / "model.safetensors"))
 
@@ -233,6 +254,8 @@ def test_dpo_on_two_ranks_computes_what_one_process_does(tmp_path: Path, zero: i
     _run(["run", str(path), "--quiet", "run.name=two", f"defaults.distributed.zero_stage={zero}"], tmp_path)
     one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
     assert _losses(two, "dpo") == pytest.approx(_losses(one, "dpo"), rel=1e-4)
+    _assert_same_metrics(two, one, "dpo", {"rewards/chosen", "rewards/rejected", "rewards/margin",
+                                           "rewards/accuracy", "logps/chosen", "grad_norm"})
     for key, value in _weights(one, "dpo").items():
         torch.testing.assert_close(_weights(two, "dpo")[key], value, atol=5e-5, rtol=1e-4)
 
@@ -269,6 +292,8 @@ def test_grpo_on_two_ranks_computes_what_one_process_does(tmp_path: Path, zero: 
     assert [r["reward/mean"] for r in m2] == pytest.approx([r["reward/mean"] for r in m1])
     assert any(r["grad_norm"] > 0 for r in m1)
     assert _losses(two, "grpo") == pytest.approx(_losses(one, "grpo"), rel=1e-4, abs=1e-6)
+    _assert_same_metrics(two, one, "grpo", {"reward/mean", "reward/std", "kl", "clip_fraction", "completion_length",
+                                            "zero_std_groups", "grad_norm"})
     for key, value in _weights(one, "grpo").items():
         torch.testing.assert_close(_weights(two, "grpo")[key], value, atol=5e-5, rtol=1e-4)
     # Rollouts and rank 0's eval took the lean decoder (DeepSpeed's own module hooks once sent them

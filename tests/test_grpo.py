@@ -189,7 +189,7 @@ def test_bad_grpo_input(tmp_path, capsys):
 
     _fails(run("noref", beta=0.1, reference="nope"), capsys, "'nope' is not a stage of this recipe")
     _fails(run("badfn", rewards=[{"fn": "no_such_module:f"}]), capsys, "module 'no_such_module'")
-    _fails(run("badname", rewards=[{"fn": "exactly"}]), capsys, "neither a built-in reward")
+    _fails(run("badname", rewards=[{"fn": "exactly"}]), capsys, "unknown reward 'exactly'; did you mean 'exact'?")
     _fails(run("drgrpo", loss_type="dr_grpo"), capsys, "scale_rewards: none")
     assert main(run("good")) == 0
     _fails(run("raises", rewards=[{"fn": "tests.grpo_rewards:raises"}]), capsys,

@@ -20,9 +20,9 @@ from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTr
 
 from instar.data.packing import IGNORE  # noqa: E402
 from instar.data.tokenizer import build_char_tokenizer  # noqa: E402
-from instar.trainer.kinds.dpo import preference_losses  # noqa: E402
+from instar.trainer.preference import preference_losses  # noqa: E402
 from instar.trainer.kinds.sft import chat_examples  # noqa: E402
-from instar.trainer.rl import group_advantages, per_token_loss, reduce_loss, token_logps  # noqa: E402
+from instar.trainer.rl import LOSS_TYPES, group_advantages, per_token_loss, reduce_loss, token_logps  # noqa: E402
 
 TOK = build_char_tokenizer()
 
@@ -186,7 +186,9 @@ def test_grpo_loss_equals_trl(tmp_path, beta, loss_type, scale_rewards):
     loss, info = per_token_loss(logp, inputs["old_per_token_logps"], inputs["advantages"],
                                 inputs.get("ref_per_token_logps"), clip_eps=0.2, beta=beta, clip_eps_high=0.28)
     assert info["clipped"][mask.bool()].any(), "some tokens should be clipped for the test to mean something"
-    denominator = {"grpo": mask.shape[0], "dapo": float(mask.sum()), "dr_grpo": mask.shape[0] * MAX_NEW}[loss_type]
+    # The denominator as the grpo kind computes it for a step (what TRL divides by must come out).
+    denominator = LOSS_TYPES[loss_type].denominator(completions=mask.shape[0], tokens=float(mask.sum()),
+                                                    max_new_tokens=MAX_NEW)
     ours = reduce_loss(loss, mask, loss_type, denominator)
     assert float(ours) == pytest.approx(float(expected), abs=1e-6, rel=0)
     for mine, theirs in zip(torch.autograd.grad(ours, params), expected_grads, strict=True):

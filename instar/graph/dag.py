@@ -78,6 +78,7 @@ class StageGraph:
         return {s for s in self.stages if name in ancestors(self.stages, s)}
 
     def _validate(self) -> None:
+        from instar.config.resolve import resolve_stage
         from instar.trainer.kinds import get_kind
 
         errors: list[str] = []
@@ -100,7 +101,8 @@ class StageGraph:
                         else f"{kind.min_parents}" if kind.min_parents == kind.max_parents
                         else f"{kind.min_parents} to {kind.max_parents}")
                 errors.append(f"stages.{name}.after: a {spec.kind} stage takes {want} parent(s), got {n}")
-            errors.extend(kind.check(name, spec, self.recipe))
+            # Checked as the stage will run: its own settings over `defaults`.
+            errors.extend(kind.check(name, resolve_stage(self.recipe, name), self.recipe))
         cycle = _find_cycle(self.stages)
         if cycle:
             # after: edges point child -> parent; print the cycle in execution order.

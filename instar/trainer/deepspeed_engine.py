@@ -108,6 +108,11 @@ class DeepSpeedEngine(Engine):
         dist.all_reduce(t)
         return float(t.item())
 
+    def all_reduce_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device)  # NCCL reduces device tensors only
+        dist.all_reduce(tensor)
+        return tensor
+
     def barrier(self) -> None:
         dist.barrier()
 
@@ -133,7 +138,7 @@ class DeepSpeedEngine(Engine):
     def generation_model(self):
         """The HF model for sampling. ZeRO-3 gathers the weights once and lifts its hooks for the
         duration: hooked generation hangs when ranks generate different numbers of tokens, and
-        is ~4x slower even with synced_gpus (measured: ../shared/notes/cpu-testing.md)."""
+        is ~4x slower even with synced_gpus (measured on 2 CPU ranks: docs/cpu-testing.md)."""
         if self.zero_stage < 3:
             with self.hooks_lifted():
                 yield self.ds.module

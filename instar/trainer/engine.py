@@ -95,6 +95,11 @@ class Engine(ABC):
         """The sum of `value` over ranks (one process: the value itself)."""
         return value
 
+    def all_reduce_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over ranks (one process: the tensor itself). Every rank must call it with
+        a tensor of the same shape and dtype."""
+        return tensor
+
     def barrier(self) -> None:
         """Wait for every rank (one process: nothing to wait for)."""
 

@@ -35,6 +35,7 @@ from instar.trainer.flops import MfuMeter, cuda_device_name
 from instar.trainer.jsonl_log import JsonlLog
 from instar.trainer.metric_mirrors import MetricMirrors, check_available
 from instar.trainer.schedule import lr_at
+from instar.trainer.step_metrics import StepMetrics
 from instar.trainer.setup import stage_model, stage_tokenizer
 from instar.trainer.single_engine import load_weights
 
@@ -179,18 +180,15 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
             data_s = time.perf_counter() - t0 - work.generate_seconds
             n_tokens = work.tokens
             lr = lr_at(step, train.steps, train.lr, train.warmup_ratio, train.min_lr_ratio)
-            loss_sum, extra = None, {}
+            sums = StepMetrics()
             for batch in work.batches:
                 batch = to_device(batch, engine.device)
                 with engine.autocast():
                     loss, m = kind.loss(engine.model, batch, work.denominator)
                 engine.backward(loss)
-                # Summed on the device (in fp64, as Python floats would): one host sync a step, so
-                # the host queues the next micro-batch while this one's backward runs.
-                loss_sum = loss.detach().double() if loss_sum is None else loss_sum + loss.detach().double()
-                for key, value in m.items():
-                    extra[key] = extra.get(key, 0.0) + value / len(work.batches)
-            loss_total = engine.all_reduce_sum(0.0 if loss_sum is None else float(loss_sum))
+                sums.add(loss, m)
+            loss_total, extra = sums.reduce(engine)  # means over the whole step, every rank
+            extra.update(work.metrics)
             grad_norm, applied = engine.step(lr, allow=math.isfinite(loss_total))
             extra.update(fp8_check.step_metrics())
             extra.update(engine.step_metrics())

@@ -39,7 +39,7 @@ def pair_logps(model, examples: list, pad_id: int, batch_size: int = 32) -> torc
     """[N, 2] summed log-probs (chosen, rejected) of each two-segment example under `model`."""
     from instar.data.packing import collate_rows
     from instar.trainer.engine import to_device
-    from instar.trainer.kinds.dpo import segment_logps
+    from instar.trainer.preference import segment_logps
     from instar.trainer.losses import forward_logits
 
     out = []

@@ -1,4 +1,4 @@
-"""Reward functions for RL stages: a small registry plus user functions named `module:function`.
+"""Reward functions for RL stages: a registry of built-ins plus user functions named `module:function`.
 
 A reward function is `f(prompt: str, completion: str, answer: str) -> float`. The stage's reward
 is the weighted sum of its functions. A function that raises or returns something that is not a
@@ -14,37 +14,38 @@ from typing import Callable
 
 from instar.data.arithmetic import extract_answer
 from instar.errors import RecipeError, TrainingError
+from instar.registry import Registry
 
 RewardFn = Callable[[str, str, str], float]
+REWARDS: Registry[RewardFn] = Registry("reward")
 
 
+@REWARDS.register("exact")
 def exact_answer(prompt: str, completion: str, answer: str) -> float:
     """1 when the completion's final number equals the answer, else 0."""
     return 1.0 if extract_answer(completion) == answer.strip() else 0.0
 
 
+@REWARDS.register("format")
 def answer_format(prompt: str, completion: str, answer: str) -> float:
     """1 when a number can be read off the completion at all (it finished with an answer), else 0."""
     return 1.0 if extract_answer(completion) != "" else 0.0
 
 
+@REWARDS.register("reft")
 def reft(prompt: str, completion: str, answer: str) -> float:
     """ReFT's partial credit: 1 correct, 0.1 an answer that is wrong, 0 no answer."""
     found = extract_answer(completion)
     return 1.0 if found == answer.strip() else (0.1 if found else 0.0)
 
 
-BUILTIN: dict[str, RewardFn] = {"exact": exact_answer, "format": answer_format, "reft": reft}
-
-
 def check_reward_name(name: str) -> str | None:
     """A problem with a reward's name, found without importing user code that may need torch."""
-    if name in BUILTIN:
+    if name in REWARDS:
         return None
     module, sep, function = name.partition(":")
     if not sep or not module or not function:
-        return (f"'{name}' is neither a built-in reward ({', '.join(BUILTIN)}) nor a user function "
-                f"written as `module:function`")
+        return f"{REWARDS.problem(name)}, nor a user function written as `module:function`"
     try:
         found = importlib.util.find_spec(module)
     except (ImportError, ValueError):
@@ -55,8 +56,8 @@ def check_reward_name(name: str) -> str | None:
 
 
 def load_reward(name: str) -> RewardFn:
-    if name in BUILTIN:
-        return BUILTIN[name]
+    if name in REWARDS:
+        return REWARDS[name]
     module_name, _, function = name.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), function)

@@ -7,7 +7,7 @@ next-token cross-entropy); the shared loop does the rest. Other kinds (merge) gi
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from instar.config.schema import DataSpec, Recipe, StageSpec
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from instar.data.packing import Example
     from instar.trainer.context import StageContext
+    from instar.trainer.step_metrics import Mean
 
 
 @dataclass
@@ -27,6 +28,16 @@ class StepWork:
     denominator: float  # what the step's summed loss is divided by (whole step, every rank)
     tokens: int  # tokens the step trains on, every rank
     generate_seconds: float = 0.0  # time spent sampling (RL rollouts), not loading data
+    metrics: dict[str, float] = field(default_factory=dict)  # step-wide values, already over every rank
+
+
+def setting_path(recipe: Recipe, stage: str, section: str, field: str) -> str:
+    """Where the value a resolved stage has for `section.field` was written: the stage's own
+    settings or `defaults` (for messages about values a stage inherits)."""
+    own = getattr(recipe.stages[stage], section, None)
+    if own is not None and field in own.model_fields_set:
+        return f"stages.{stage}.{section}.{field}"
+    return f"defaults.{section}.{field}"
 
 
 class StageKind(ABC):
@@ -48,7 +59,8 @@ class StageKind(ABC):
 
     @classmethod
     def check(cls, name: str, spec: StageSpec, recipe: Recipe) -> list[str]:
-        """Problems with this stage's settings that the schema cannot see."""
+        """Problems with this stage's settings that the schema cannot see; `spec` is resolved
+        (the stage's own settings over `defaults`), as the stage will run."""
         if cls.row_format is not None and spec.data is None:
             return [f"stages.{name}.data: a {cls.name} stage needs `data` (a `path` to JSONL rows or `generate`)"]
         if spec.data is not None and spec.data.shards is not None and cls.row_format != "text":
@@ -105,8 +117,10 @@ class TrainingKind(StageKind):
 
         return count_targets(rows)
 
-    def loss(self, model, batch: dict[str, "torch.Tensor"], n_targets: int) -> tuple["torch.Tensor", dict[str, float]]:
-        """Loss of one micro-batch, already divided by `loss_denominator` of the whole step."""
+    def loss(self, model, batch: dict[str, "torch.Tensor"], n_targets: int) -> tuple["torch.Tensor", dict[str, "Mean"]]:
+        """Loss of one micro-batch, already divided by `loss_denominator` of the whole step, and
+        its metrics as sums and counts (`instar.trainer.step_metrics.Mean`; the loop reduces them
+        over the step's micro-batches and ranks). The same metric names on every call."""
         from instar.trainer.losses import causal_lm_loss
 
         return causal_lm_loss(model, batch, n_targets)

@@ -1,12 +1,8 @@
 """`dpo`: preference optimisation on `{"prompt", "chosen", "rejected"}` rows.
 
-Losses (h = policy-minus-reference log-ratio of chosen minus that of rejected, summed over
-completion tokens; see ../shared/notes/algorithms.md):
-- `sigmoid` (DPO): −(1−ε)·log σ(βh) − ε·log σ(−βh), ε = label_smoothing
-- `ipo`: (h − 1/(2β))² with per-token mean log-probs (as TRL does)
-- `hinge`: max(0, 1 − βh)
-- `redi` (reference-free): −log π(y_w)/|y_w| + α·log π(y_l)/|y_l|
-`nll_coef` adds c·(−log π(y_w)/|y_w|), which keeps the chosen answers' likelihood from falling.
+`loss:` names a registered preference loss (`sigmoid` = DPO, `ipo`, `hinge`, `redi`; formulas and
+how to add one: instar.trainer.preference). `nll_coef` adds c·(−log π(y_w)/|y_w|), which keeps the
+chosen answers' likelihood from falling.
 
 Chosen and rejected go through one forward: they are one example with two segments that do not
 attend to each other. The reference is the parent stage unless `reference` names another
@@ -18,17 +14,17 @@ gradients (`on_the_fly`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
-from dataclasses import dataclass
-
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from instar.config.schema import Recipe, StageSpec, Strict
 from instar.data.example import Example
 from instar.errors import DataError
 from instar.trainer.kinds.base import StepWork, TrainingKind
 from instar.trainer.kinds.reference import check_reference, load_reference_model, reference_stage
+from instar.trainer.preference import PREFERENCE_LOSSES, preference_losses, segment_logps
 
 LN2 = math.log(2.0)
 
@@ -43,7 +39,7 @@ class OnPolicyNegatives(Strict):
 
 
 class DpoSpec(StageSpec):
-    loss: Literal["sigmoid", "ipo", "hinge", "redi"] = "sigmoid"
+    loss: str = "sigmoid"  # a registered preference loss (instar.trainer.preference)
     beta: float = Field(default=0.1, gt=0)
     label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
     alpha: float = Field(default=0.8, ge=0)  # REDI: weight of the rejected term
@@ -52,55 +48,21 @@ class DpoSpec(StageSpec):
     reference_logps: Literal["cached", "on_the_fly"] = "cached"
     negatives: OnPolicyNegatives | None = None  # on-policy rejected answers
 
+    @field_validator("loss")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return PREFERENCE_LOSSES.validate(name)
+
+    @property
+    def reference_free(self) -> bool:
+        return PREFERENCE_LOSSES[self.loss].reference_free
+
 
 @dataclass
 class PairExample(Example):
     """A (chosen, rejected) pair laid out as two segments; `index` is its place in the dataset."""
 
     index: int = 0
-
-
-def preference_losses(policy_c, policy_r, ref_c, ref_r, n_c, n_r, spec) -> tuple:
-    """Per-pair losses and rewards from summed completion log-probs (tensors of shape [P])."""
-    import torch.nn.functional as F
-
-    h = (policy_c - ref_c) - (policy_r - ref_r)
-    if spec.loss == "sigmoid":
-        eps = spec.label_smoothing
-        losses = -(1 - eps) * F.logsigmoid(spec.beta * h) - eps * F.logsigmoid(-spec.beta * h)
-    elif spec.loss == "ipo":
-        h_mean = (policy_c - ref_c) / n_c - (policy_r - ref_r) / n_r
-        losses = (h_mean - 1 / (2 * spec.beta)) ** 2
-    elif spec.loss == "hinge":
-        losses = F.relu(1 - spec.beta * h)
-    else:
-        losses = -policy_c / n_c + spec.alpha * policy_r / n_r
-    if spec.nll_coef:
-        losses = losses + spec.nll_coef * (-policy_c / n_c)
-    return losses, spec.beta * (policy_c - ref_c), spec.beta * (policy_r - ref_r)
-
-
-def segment_logps(logits, batch) -> tuple:
-    """Summed target log-probs and target counts per (chosen, rejected) pair in the batch.
-
-    Pairs are laid out as consecutive documents (chosen = even document id, rejected = odd)."""
-    import torch
-
-    from instar.data.packing import IGNORE
-
-    targets = batch["targets"]
-    valid = targets != IGNORE
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    logp = logp * valid
-    docs = int(batch["doc_ids"].max()) + 1
-    index = batch["doc_ids"].clamp(min=0)
-    sums = torch.zeros(targets.shape[0], docs, dtype=logp.dtype, device=logp.device).scatter_add_(1, index, logp)
-    counts = torch.zeros(targets.shape[0], docs, dtype=logp.dtype, device=logp.device).scatter_add_(
-        1, index, valid.to(logp.dtype))
-    pairs = counts[:, 0::2] > 0
-    chosen_sum, rejected_sum = sums[:, 0::2][pairs], sums[:, 1::2][pairs]
-    chosen_n, rejected_n = counts[:, 0::2][pairs], counts[:, 1::2][pairs]
-    return chosen_sum, rejected_sum, chosen_n, rejected_n
 
 
 class DpoKind(TrainingKind):
@@ -121,8 +83,8 @@ class DpoKind(TrainingKind):
     @classmethod
     def check(cls, name: str, spec: DpoSpec, recipe: Recipe) -> list[str]:
         problems = super().check(name, spec, recipe) + check_reference(name, spec.reference, recipe)
-        if spec.loss == "redi" and spec.reference is not None:
-            problems.append(f"stages.{name}.reference: loss `redi` is reference-free; drop `reference`")
+        if spec.reference_free and spec.reference is not None:
+            problems.append(f"stages.{name}.reference: loss `{spec.loss}` is reference-free; drop `reference`")
         return problems
 
     @property
@@ -187,7 +149,7 @@ class DpoKind(TrainingKind):
         """The default micro-batches, plus each pair's cached reference log-probs in the order
         `segment_logps` returns pairs (row by row, left to right)."""
         work = super().step_batches(engine, batcher, rows_all, mine, layout, step)
-        if self.ctx.spec.loss == "redi" or self.ctx.spec.reference_logps != "cached":
+        if self.ctx.spec.reference_free or self.ctx.spec.reference_logps != "cached":
             return work
         if self._ref_cache is None:
             from instar.trainer.reference_cache import cached_pair_logps
@@ -220,10 +182,11 @@ class DpoKind(TrainingKind):
         import torch
 
         from instar.trainer.losses import forward_logits
+        from instar.trainer.step_metrics import Mean
 
         policy_c, policy_r, n_c, n_r = segment_logps(forward_logits(model, batch), batch)
         spec = self.ctx.spec
-        if spec.loss == "redi":
+        if spec.reference_free:
             ref_c = ref_r = torch.zeros_like(policy_c)
         elif "ref_logps" in batch:
             ref_c, ref_r = batch["ref_logps"].to(policy_c).unbind(-1)
@@ -241,11 +204,11 @@ class DpoKind(TrainingKind):
                     f"{LN2:.5f}: the policy does not start equal to the reference '{self.reference_stage}' "
                     f"(a reference or adapter mix-up?)")
         reward_c, reward_r = reward_c.detach(), reward_r.detach()
-        metrics = {
-            "rewards/chosen": float(reward_c.mean()),
-            "rewards/rejected": float(reward_r.mean()),
-            "rewards/margin": float((reward_c - reward_r).mean()),
-            "rewards/accuracy": float((reward_c > reward_r).float().mean()),
-            "logps/chosen": float((policy_c.detach() / n_c).mean()),
+        metrics = {  # means over the step's pairs
+            "rewards/chosen": Mean.of(reward_c),
+            "rewards/rejected": Mean.of(reward_r),
+            "rewards/margin": Mean.of(reward_c - reward_r),
+            "rewards/accuracy": Mean.of((reward_c > reward_r).double()),
+            "logps/chosen": Mean.of(policy_c.detach() / n_c),
         }
         return losses.sum() / n_pairs, metrics

@@ -18,15 +18,16 @@ import math
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from instar.config.schema import Recipe, StageSpec, Strict
 from instar.data.example import IGNORE, Example
 from instar.errors import DataError
-from instar.trainer.kinds.base import StepWork, TrainingKind
+from instar.trainer.kinds.base import StepWork, TrainingKind, setting_path
 from instar.trainer.kinds.reference import check_reference, load_reference_model
+from instar.trainer.rl import ADVANTAGE_SCALES, LOSS_TYPES
 
 
 class RewardSpec(Strict):
@@ -43,10 +44,20 @@ class GrpoSpec(StageSpec):
     clip_eps: float = Field(default=0.2, gt=0, lt=1)
     clip_eps_high: float | None = Field(default=None, gt=0)  # DAPO's clip-higher; default = clip_eps
     epochs: int = Field(default=1, ge=1)  # optimizer steps per rollout
-    scale_rewards: Literal["group", "batch", "none"] = "group"  # none = Dr.GRPO
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
+    scale_rewards: str = "group"  # a registered advantage scaling (instar.trainer.rl); none = Dr.GRPO
+    loss_type: str = "grpo"  # a registered loss type (instar.trainer.rl)
     rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec()], min_length=1)
     reference: str | None = None  # an ancestor stage; default: the first parent
+
+    @field_validator("scale_rewards")
+    @classmethod
+    def _known_scale(cls, name: str) -> str:
+        return ADVANTAGE_SCALES.validate(name)
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known_loss_type(cls, name: str) -> str:
+        return LOSS_TYPES.validate(name)
 
     @model_validator(mode="after")
     def _dr_grpo(self) -> "GrpoSpec":
@@ -105,8 +116,8 @@ class GrpoKind(TrainingKind):
             problems.append(f"stages.{name}.reference: beta is 0, so no reference is used; set beta > 0 "
                             f"for a KL penalty or drop `reference`")
         if spec.train.seq_len <= spec.max_new_tokens:
-            problems.append(f"stages.{name}.train.seq_len ({spec.train.seq_len}) must exceed max_new_tokens "
-                            f"({spec.max_new_tokens}) to leave room for the prompt")
+            problems.append(f"{setting_path(recipe, name, 'train', 'seq_len')} ({spec.train.seq_len}) must exceed "
+                            f"stages.{name}.max_new_tokens ({spec.max_new_tokens}) to leave room for the prompt")
         return problems
 
     # --- data ---
@@ -168,7 +179,8 @@ class GrpoKind(TrainingKind):
             if self._log is not None:
                 self._log_rollout(rows_all, mine, step)
         r = self._rollout
-        return StepWork(r["batches"], r["denominator"], r["tokens"], r["generate_seconds"] if fresh else 0.0)
+        return StepWork(r["batches"], r["denominator"], r["tokens"], r["generate_seconds"] if fresh else 0.0,
+                        metrics=r["stats"])
 
     def _sample(self, engine, prompts: list[list[int]], first: int, step: int) -> list[list[int]]:
         """`group_size` completions of each prompt; `first` is the global index of prompts[0] in
@@ -226,7 +238,8 @@ class GrpoKind(TrainingKind):
         advantages = group_advantages(reward_t, g, spec.scale_rewards, batch_std=reward_std)  # std over all ranks
         flat_groups = float((reward_t.view(-1, g).std(1) == 0).sum())
         completion_tokens = engine.all_reduce_sum(float(sum(lengths)))
-        denominator = {"grpo": n_all, "dapo": completion_tokens, "dr_grpo": n_all * spec.max_new_tokens}[spec.loss_type]
+        denominator = LOSS_TYPES[spec.loss_type].denominator(completions=n_all, tokens=completion_tokens,
+                                                             max_new_tokens=spec.max_new_tokens)
 
         per_micro = layout.micro_batch_size * g
         batches = []
@@ -284,6 +297,7 @@ class GrpoKind(TrainingKind):
     # --- objective ---
     def loss(self, model, batch, denominator):
         from instar.trainer.rl import per_token_loss, reduce_loss
+        from instar.trainer.step_metrics import Mean
 
         spec = self.ctx.spec
         logp = self._logps(model, batch)
@@ -292,11 +306,9 @@ class GrpoKind(TrainingKind):
                                          spec.beta, spec.clip_eps_high)
         mask = batch["targets"] != IGNORE
         loss = reduce_loss(per_token, mask, spec.loss_type, denominator)
-        n = mask.sum().clamp(min=1)
-        metrics = dict(self._rollout["stats"])
-        metrics["clip_fraction"] = float((info["clipped"] * mask).sum() / n)
+        metrics = {"clip_fraction": Mean.of(info["clipped"], mask)}  # means over the step's completion tokens
         if "kl" in info:
-            metrics["kl"] = float((info["kl"].detach() * mask).sum() / n)
+            metrics["kl"] = Mean.of(info["kl"], mask)
         return loss, metrics
 
     # --- checkpoints ---
