@@ -12,7 +12,7 @@ from instar.errors import DataError
 from instar.models.build import model_from_config
 from instar.trainer.engine import to_device
 from tests.conftest import same_batch
-from instar.trainer.kinds.sft import chat_examples
+from instar.data.chat import chat_examples
 from instar.trainer.losses import forward_logits
 
 

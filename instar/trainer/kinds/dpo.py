@@ -92,7 +92,7 @@ class DpoKind(TrainingKind):
         return reference_stage(self.ctx)
 
     def build_sources(self, tokenizer, rows_per_source):
-        from instar.trainer.kinds.sft import chat_examples
+        from instar.data.chat import chat_examples
 
         self._tokenizer = tokenizer
         seq_len = self.ctx.spec.train.seq_len

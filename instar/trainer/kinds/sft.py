@@ -13,15 +13,25 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import SerializeAsAny, field_validator
+
 from instar.config.schema import StageSpec
+from instar.data.chat import chat_examples
 from instar.data.example import IGNORE, Example
-from instar.errors import ContractError, DataError
-from instar.trainer.kinds.base import TrainingKind
+from instar.errors import DataError
+from instar.trainer.input_transforms import TransformSpec, build_transforms, parse_transforms
+from instar.trainer.kinds.base import StepWork, TrainingKind
 
 
 class SftSpec(StageSpec):
     loss_on: Literal["assistant", "last_turn", "all"] = "assistant"
     truncation: Literal["keep_start", "keep_end", "drop", "error"] = "keep_start"
+    transforms: list[SerializeAsAny[TransformSpec]] = []  # input transforms (instar.trainer.input_transforms)
+
+    @field_validator("transforms", mode="before")
+    @classmethod
+    def _registered(cls, items):
+        return parse_transforms(items)
 
 
 def fit_length(examples: list[Example], seq_len: int, policy: str, stage: str) -> tuple[list[Example], int]:
@@ -43,45 +53,20 @@ def fit_length(examples: list[Example], seq_len: int, policy: str, stage: str) -
     return out, over
 
 
-def _last_run(mask: list[int]) -> list[int]:
-    """Keep only the last contiguous run of ones in `mask`."""
-    out = [0] * len(mask)
-    i = len(mask) - 1
-    while i >= 0 and not mask[i]:
-        i -= 1
-    while i >= 0 and mask[i]:
-        out[i] = 1
-        i -= 1
-    return out
-
-
-def chat_examples(tokenizer, rows: list[dict], loss_on: str) -> list:
-    from instar.data.packing import causal_example
-
-    examples = []
-    for row in rows:
-        enc = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-        ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
-        if loss_on == "assistant" and not any(mask):
-            raise ContractError("the chat template marks no assistant tokens: it needs "
-                                "{% generation %}...{% endgeneration %} around assistant content")
-        if loss_on == "last_turn":
-            mask = _last_run(mask)
-        elif loss_on == "all":
-            mask = [1] * len(ids)
-        examples.append(causal_example(ids, [bool(m) for m in mask]))
-    return examples
-
-
 class SftKind(TrainingKind):
     name = "sft"
     Spec = SftSpec
     row_format = "messages"
     needs_chat_template = True
 
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self._tokenizer = None
+        self._transforms = None
+
     def build_sources(self, tokenizer, rows_per_source):
         spec = self.ctx.spec
+        self._tokenizer = tokenizer
         examples = chat_examples(tokenizer, rows_per_source[0], spec.loss_on)
         examples, over = fit_length(examples, spec.train.seq_len, spec.truncation, self.ctx.name)
         if over and self.ctx.rank == 0:
@@ -94,3 +79,19 @@ class SftKind(TrainingKind):
             raise DataError(f"stage '{self.ctx.name}': every conversation is longer than train.seq_len="
                             f"{spec.train.seq_len}; raise it")
         return [examples], [1.0]
+
+    def step_batches(self, engine, batcher, rows_all, mine, layout, step) -> StepWork:
+        """The default micro-batches with the stage's input transforms applied (targets untouched,
+        so the step's denominator, counted on its rows, stays right)."""
+        work = super().step_batches(engine, batcher, rows_all, mine, layout, step)
+        if not self.ctx.spec.transforms:
+            return work
+        if self._transforms is None:
+            self._transforms = build_transforms(self.ctx.spec.transforms, self._tokenizer, self.ctx.seed,
+                                                self.ctx.spec.train.steps)
+        mb, first = layout.micro_batch_size, self.ctx.rank * layout.micro_batch_size * layout.grad_accum
+        for i, batch in enumerate(work.batches):
+            for transform in self._transforms:
+                batch = transform(batch, step, first + i * mb)
+            work.batches[i] = batch
+        return work
