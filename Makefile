@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean system-deps slurm-up slurm-down bench-pipeline bench-zero bench-zero-quick docker-test
+.PHONY: demo test golden setup clean system-deps slurm-up slurm-down bench-pipeline bench-zero bench-zero-quick docker-test
 
 setup: $(STAMP)
 
@@ -22,6 +22,11 @@ demo: $(STAMP)
 test: $(STAMP) system-deps
 	scripts/slurm-cluster.sh up
 	status=0; $(BIN)/python -m pytest -q tests || status=$$?; scripts/slurm-cluster.sh down --if-started; exit $$status
+
+# Rewrites tests/assets/losses/*.json from the seeded tiny chain (tests/test_golden_losses.py compares
+# with them): run it only when a change of the losses is meant, and say why in the commit.
+golden: $(STAMP)
+	$(BIN)/python -m tests.golden_losses --write
 
 # Debian packages some tests use (Chromium renders `instar report` pages). Installed when this
 # runs as root with apt-get (CI, containers); elsewhere those tests skip and say why.

@@ -8,9 +8,9 @@
 # each step has a time limit below). Where only a few files may come back (the device tool's $OUT),
 # archive the folder: bash bench/gpu_check.sh /tmp/r; tar czf "$OUT/gpu-results.tgz" -C /tmp r
 #
-# DeepSpeed, pydantic and hjson are not on such machines: build their wheels beforehand with
-# ../shared/tools/gpu-wheels.sh .whl (or copy them into .whl/), carry .whl/ along, and this script
-# installs them into /tmp/site (--no-index: nothing is downloaded).
+# DeepSpeed, pydantic and hjson are not on such machines: build their wheels beforehand into .whl/
+# (the two pip commands in docs/cpu-testing.md, "GPU checks from a CPU machine"), carry .whl/ along,
+# and this script installs them into /tmp/site (--no-index: nothing is downloaded).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
