@@ -99,7 +99,7 @@ def _model(spec):
     from instar.models.swaps import apply_swaps
 
     model = model_from_config(tiny_recipe()["model"]["config"], build_char_tokenizer(), seed=0)
-    apply_swaps(model, spec, "pretrain")
+    apply_swaps(model, spec, "pretrain", causal_lm_loss=True)
     return model
 
 

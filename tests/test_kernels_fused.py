@@ -149,7 +149,7 @@ def test_rmsnorm_on_a_model_without_one_is_an_error():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     spec = type("Spec", (), {"kernels": KernelsConfig(rmsnorm=True), "precision": "fp32"})()
     with pytest.raises(RecipeError, match=r"stages\.s\.kernels\.rmsnorm: the model has no Llama-style RMSNorm"):
-        apply_swaps(model, spec, "s")
+        apply_swaps(model, spec, "s", causal_lm_loss=True)
 
 
 @pytest.mark.gpu
@@ -207,14 +207,29 @@ def test_fused_ce_is_announced_where_it_does_not_apply_and_refused_on_zero3(caps
     from instar.data.tokenizer import build_char_tokenizer
     from instar.models.build import model_from_config
     from instar.models.swaps import apply_swaps, uses_fused_ce
+    from instar.trainer.kinds import get_kind
 
     def model():
         return model_from_config(tiny_recipe()["model"]["config"], build_char_tokenizer(), seed=0)
 
-    m = model()
-    assert apply_swaps(m, _spec("sft"), "s") == {"fused_ce": 1} and uses_fused_ce(m)
-    m = model()
-    assert apply_swaps(m, _spec("dpo"), "d") == {} and not uses_fused_ce(m)
+    def swaps(kind: str, *engine):  # the kind declares whether its loss is the causal-LM loss
+        m = model()
+        return m, apply_swaps(m, _spec(kind, *engine), kind[0], causal_lm_loss=get_kind(kind).causal_lm_loss)
+
+    m, done = swaps("sft")
+    assert done == {"fused_ce": 1} and uses_fused_ce(m)
+    m, done = swaps("dpo")
+    assert done == {} and not uses_fused_ce(m)
     assert "does not apply and is not used" in capsys.readouterr().out
     with pytest.raises(RecipeError, match="not supported under ZeRO-3"):
-        apply_swaps(model(), _spec("pretrain", "deepspeed", 3), "p")
+        swaps("pretrain", "deepspeed", 3)
+
+
+def test_kinds_declare_whether_their_loss_is_the_causal_lm_loss():
+    from instar.trainer.kinds import get_kind, kind_names
+    from instar.trainer.kinds.base import TrainingKind
+
+    for name in kind_names():
+        kind = get_kind(name)
+        if issubclass(kind, TrainingKind):
+            assert kind.causal_lm_loss == (kind.loss is TrainingKind.loss), name

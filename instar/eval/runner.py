@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from instar.config.schema import EvalConfig
 from instar.data.formats import PromptAnswerRow
 from instar.data.jsonl import read_rows
 from instar.data.sources import materialize
 from instar.eval.exact_match import exact_match
-from instar.trainer.context import StageContext
 
 
 class Evaluator:
-    def __init__(self, ctx: StageContext, tokenizer):
-        self.cfg = ctx.spec.eval
+    """`cfg` is the stage's resolved `eval` section; data paths are relative to `base_dir` (the
+    recipe's folder) and generated data is written under `run_dir`."""
+
+    def __init__(self, cfg: EvalConfig, tokenizer, base_dir: Path, run_dir: Path):
+        self.cfg = cfg
         self.tokenizer = tokenizer
         self._rows: list[dict] | None = None
-        self._ctx = ctx
+        self._base_dir, self._run_dir = base_dir, run_dir
 
     @property
     def enabled(self) -> bool:
@@ -25,7 +29,7 @@ class Evaluator:
     def _held_out(self) -> list[dict]:
         if self._rows is None:
             em = self.cfg.exact_match
-            path = materialize(em.data, self._ctx.loaded.base_dir, self._ctx.run_dir)
+            path = materialize(em.data, self._base_dir, self._run_dir)
             self._rows = read_rows(path, PromptAnswerRow, em.data.on_bad_row, em.max_rows).rows
         return self._rows
 

@@ -4,9 +4,8 @@ PREEMPTED_EXIT, and (under Slurm) put the job back in the queue so it resumes fr
 The worker installs the handlers (`install`). SIGUSR2 is what `instar submit` scripts ask Slurm to
 send before the time limit (`--signal=B:USR2@N`, forwarded by the batch shell to the job step);
 SIGTERM is what Slurm sends on preemption or at the time limit, KillWait seconds before SIGKILL.
-A handler only sets a flag: the loop asks `stop_requested(engine)` once per step, which all-reduces
-the flag so every rank stops at the same step (a rank that stopped alone would leave the others
-waiting in a collective).
+A handler only records the signal (instar.trainer.stop); the loop asks `stop_requested(engine)`
+once per step, so every rank stops at the same step.
 """
 
 from __future__ import annotations
@@ -15,26 +14,15 @@ import os
 import signal
 import subprocess
 
-from instar.errors import InstarError
-
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again later" — the stage is resumable, not failed
-
-_installed = False
-_received: list[int] = []
-
-
-class Preempted(InstarError):
-    """The stage saved a checkpoint and stopped because the scheduler asked it to."""
-
-    exit_code = PREEMPTED_EXIT
+from instar.trainer.stop import PREEMPTED_EXIT, Preempted, arm, received, record  # noqa: F401  (the worker's API)
 
 
 def _on_signal(signum, frame) -> None:
-    if signum == signal.SIGTERM and signal.SIGTERM in _received:
+    if signum == signal.SIGTERM and signal.SIGTERM in received():
         # A second SIGTERM means "now": fall back to the default action.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
-    _received.append(signum)
+    record(signum)
 
 
 def install() -> None:
@@ -43,29 +31,16 @@ def install() -> None:
     Outside Slurm, SIGTERM keeps its default: torchrun sends it to the surviving ranks when one rank
     fails, and a rank that caught it would wait at its next collective for the dead one.
     """
-    global _installed
     signal.signal(signal.SIGUSR2, _on_signal)
     if os.environ.get("INSTAR_REQUEUE_JOB"):
         signal.signal(signal.SIGTERM, _on_signal)
-    _installed = True
+    arm()
 
 
 def requeue_wanted() -> bool:
     """USR2 (the time limit is near, or someone asked) means "stop and come back": requeue. TERM alone
     means a cancel, the time limit itself, or a preemption Slurm requeues by itself: only stop."""
-    return signal.SIGUSR2 in _received
-
-
-def signal_name() -> str:
-    return signal.Signals(_received[0]).name if _received else ""
-
-
-def stop_requested(engine) -> bool:
-    """True on every rank when any rank received a stop signal. Without handlers installed (a stage
-    run in the `instar run` process) this is always False and costs nothing."""
-    if not _installed:
-        return False
-    return engine.all_reduce_sum(1.0 if _received else 0.0) > 0
+    return signal.SIGUSR2 in received()
 
 
 def requeue_slurm_job() -> str | None:

@@ -30,20 +30,15 @@ def fuse_rmsnorms(model: torch.nn.Module) -> int:
     return len(targets)
 
 
-def _kind_uses_causal_lm_loss(kind: str) -> bool:
-    from instar.trainer.kinds import get_kind
-    from instar.trainer.kinds.base import TrainingKind
-
-    return getattr(get_kind(kind), "loss", None) is TrainingKind.loss
-
-
 def uses_fused_ce(model: torch.nn.Module) -> bool:
     return bool(getattr(model, FUSED_CE_ATTR, False))
 
 
-def apply_swaps(model: torch.nn.Module, spec, stage: str) -> dict[str, int]:
+def apply_swaps(model: torch.nn.Module, spec, stage: str, causal_lm_loss: bool) -> dict[str, int]:
     """Apply what `spec.kernels` and `spec.precision` ask for; returns counts of what was swapped.
-    Asking for a swap the model has nothing to apply to is an error, not a silent no-op."""
+    `causal_lm_loss`: whether the stage's loss is next-token cross-entropy (the kind declares it),
+    the one loss the fused linear + cross-entropy computes. Asking for a swap the model has nothing
+    to apply to is an error, not a silent no-op."""
     done: dict[str, int] = {}
     if spec.kernels.rmsnorm:
         done["rmsnorm"] = fuse_rmsnorms(model)
@@ -60,7 +55,7 @@ def apply_swaps(model: torch.nn.Module, spec, stage: str) -> dict[str, int]:
         if spec.distributed.engine == "deepspeed" and spec.distributed.zero_stage == 3:
             raise RecipeError(f"stages.{stage}.kernels.fused_ce: not supported under ZeRO-3 (the LM head's weight "
                               f"is partitioned outside its own forward); use zero_stage <= 2 or fused_ce: false")
-        if _kind_uses_causal_lm_loss(spec.kind):
+        if causal_lm_loss:
             setattr(model, FUSED_CE_ATTR, True)
             done["fused_ce"] = 1
         else:

@@ -22,7 +22,6 @@ from instar.data.packing import Batcher
 from instar.data.sampler import EpochSampler, MixtureSampler
 from instar.errors import ContractError, TrainingError
 from instar.eval.runner import Evaluator
-from instar.launch.preempt import Preempted, signal_name, stop_requested
 from instar.models.export import remove_tree, write_artifact
 from instar.models.attention import FLASH, select_attention
 from instar.models.fp8 import Fp8GemmCheck
@@ -36,6 +35,7 @@ from instar.trainer.jsonl_log import JsonlLog
 from instar.trainer.metric_mirrors import MetricMirrors, check_available
 from instar.trainer.schedule import lr_at
 from instar.trainer.step_metrics import StepMetrics
+from instar.trainer.stop import Preempted, signal_name, stop_requested
 from instar.trainer.setup import stage_model, stage_tokenizer
 from instar.trainer.single_engine import load_weights
 
@@ -109,7 +109,7 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
     layout = batch_layout(train, ctx.world_size, ctx.name)
     check_available(spec.logging, ctx.name)
     tokenizer = stage_tokenizer(ctx, kind.needs_chat_template)
-    model = stage_model(ctx, tokenizer)
+    model = stage_model(ctx, tokenizer, kind.causal_lm_loss)
     # Counted before the engine: ZeRO-3 partitions the parameters (their numel drops to 0).
     on_gpu = spec.distributed.device != "cpu" and torch.cuda.is_available()
     mfu = MfuMeter(model, train.seq_len, ctx.world_size, spec.precision == "fp8",
@@ -132,7 +132,7 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
     engine.model.train()
     if select_attention(engine.model, engine.device, spec.precision) == FLASH:
         say(f"[{ctx.name}] attention: flash-attn varlen (packed documents split by position ids)", quiet)
-    evaluator = Evaluator(ctx, tokenizer)
+    evaluator = Evaluator(ctx.spec.eval, tokenizer, ctx.loaded.base_dir, ctx.run_dir)
     metrics_log = JsonlLog(ctx.stage_dir / "metrics.jsonl")
     eval_log = JsonlLog(ctx.stage_dir / "eval.jsonl")
 

@@ -51,8 +51,9 @@ def stage_tokenizer(ctx: StageContext, needs_chat_template: bool):
     return tok
 
 
-def stage_model(ctx: StageContext, tokenizer):
-    """The policy a stage starts from: its (first) parent's artifact, `model.path`, or a fresh model."""
+def stage_model(ctx: StageContext, tokenizer, causal_lm_loss: bool):
+    """The policy a stage starts from: its (first) parent's artifact, `model.path`, or a fresh model,
+    with the module swaps the stage asks for (`causal_lm_loss`: see `apply_swaps`)."""
     model_cfg = ctx.loaded.recipe.model
     if ctx.parents:
         model = load_pretrained(ctx.parent_model_dir(ctx.parents[0]))
@@ -65,5 +66,5 @@ def stage_model(ctx: StageContext, tokenizer):
         raise ContractError(f"stage '{ctx.name}': the model's embedding has "
                             f"{model.get_input_embeddings().num_embeddings} rows but the tokenizer has "
                             f"{len(tokenizer)} tokens")
-    apply_swaps(model, ctx.spec, ctx.name)
+    apply_swaps(model, ctx.spec, ctx.name, causal_lm_loss)
     return model

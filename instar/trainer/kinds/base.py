@@ -77,6 +77,8 @@ class TrainingKind(StageKind):
     """A kind trained by the shared loop (`instar.trainer.loop`)."""
 
     packs_rows: ClassVar[bool] = True  # whether `train.packing` may put several examples in a row
+    causal_lm_loss: ClassVar[bool] = True  # `loss` is next-token cross-entropy (fused_ce can compute it); a kind
+                                           # that overrides `loss` sets this False
 
     def run(self) -> dict[str, Any]:
         from instar.trainer.loop import train_stage

@@ -71,6 +71,7 @@ class DpoKind(TrainingKind):
     min_parents = 1
     row_format = "preference"
     needs_chat_template = True
+    causal_lm_loss = False
 
     def __init__(self, ctx):
         super().__init__(ctx)

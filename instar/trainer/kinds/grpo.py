@@ -91,6 +91,7 @@ class GrpoKind(TrainingKind):
     min_parents = 1
     row_format = "prompt_answer"
     needs_chat_template = True
+    causal_lm_loss = False
     packs_rows = False  # a row is one prompt; its completions are laid out by the kind
 
     def __init__(self, ctx):

@@ -95,7 +95,7 @@ class MergeKind(StageKind):
         model = models[ctx.parents[0]]
         model.load_state_dict(merged)
         final: dict[str, Any] = {"steps": 0, "merge_seconds": round(time.perf_counter() - t0, 2)}
-        evaluator = Evaluator(ctx, tokenizer)
+        evaluator = Evaluator(ctx.spec.eval, tokenizer, ctx.loaded.base_dir, ctx.run_dir)
         if evaluator.enabled:
             record = evaluator(model, 0)
             log = JsonlLog(ctx.stage_dir / "eval.jsonl")
