@@ -43,7 +43,10 @@ def test_dpo_zero3_reference_is_partitioned_and_cache_and_negatives_split_over_r
     path = write_recipe(tmp_path, recipe)
     _run(["run", str(path), "--quiet", "run.name=one", *ONE, "defaults.train.micro_batch_size=8"], tmp_path)
     _run(["run", str(path), "--quiet", "run.name=two"], tmp_path)
+    _run(["run", str(path), "--quiet", "run.name=fly", "stages.dpo.reference_logps=on_the_fly"], tmp_path)
     one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    # the partitioned reference on each micro-batch (forwards as collectives) gives the cache's losses
+    assert _losses(tmp_path / "runs" / "fly", "dpo") == pytest.approx(_losses(one, "dpo"), rel=1e-5)
     # 37 rows: rank 1's slice is padded (19 + 18), and rows keep their dataset order.
     assert (two / "dpo" / "pairs.jsonl").read_text() == (one / "dpo" / "pairs.jsonl").read_text()
     torch.testing.assert_close(_cache(two), _cache(one), atol=1e-5, rtol=1e-5)
