@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -55,11 +56,13 @@ def pair_logps(model, examples: list, pad_id: int, device: torch.device, batch_s
 def cached_pair_logps(ctx, engine, reference: str, load_model, examples: list, pad_id: int) -> torch.Tensor:
     """The [N, 2] reference log-probs of `examples`, from the cache file or computed by every rank
     on its slice of the pairs and gathered (rank 0 writes the file); every rank returns them all."""
+    from instar.console import say
     from instar.errors import ContractError
     from instar.trainer.split_work import gather_rows, rank_slice
 
     path = cache_path(ctx, reference, examples)
     if engine.all_reduce_sum(float(path.exists())) < ctx.world_size:  # one decision for every rank
+        t0 = time.perf_counter()
         start, size = rank_slice(len(examples), ctx.rank, ctx.world_size)
         mine = examples[start:start + size]
         mine += [examples[0]] * (size - len(mine))  # padded: ZeRO-3 forwards are collectives
@@ -72,6 +75,8 @@ def cached_pair_logps(ctx, engine, reference: str, load_model, examples: list, p
             torch.save(values, tmp)
             os.replace(tmp, path)
         engine.barrier()  # the file is whole before any rank goes on (and may later read it)
+        say(f"[{ctx.name}] reference log-probs of {len(examples)} pairs computed on {ctx.world_size} rank(s) in "
+            f"{time.perf_counter() - t0:.2f} s, loading the reference included", ctx.quiet or ctx.rank != 0)
         return values
     values = torch.load(path, weights_only=True)
     if values.shape != (len(examples), 2):
