@@ -12,8 +12,8 @@ are gathered (instar/trainer/reference_cache.py).
 - bytes per rank: `<stage>/reference.json` (the reference's ZeRO-3 partitions each rank holds,
   instar/trainer/frozen.py bytes_held);
 - cache build: the time rank 0 prints for computing the cache, from loading and partitioning the
-  reference to the gathered tensor written to disk (the stage's "reference log-probs of N pairs
-  computed on W rank(s) in S s" line).
+  reference to the gathered tensor written to disk, and the loading part of it (the stage's
+  "reference log-probs of N pairs computed on W rank(s) in S s (L s of it loading the reference)").
 Two ranks on a 2-core machine shared with other work measure the split only if the cores are free.
 """
 
@@ -36,7 +36,8 @@ from results import markers, write_section  # bench/results.py (scripts run from
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = markers("reference_scale")
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+       "COLUMNS": "400"}  # rich wraps printed lines at 80 columns otherwise, cutting the line parsed below
 
 MODELS = {  # instar-char vocabulary; tied embeddings
     "full": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8},
@@ -78,23 +79,23 @@ def measure(model: dict, pairs: int) -> dict:
         for world in (1, 2):
             stage = f"dpo_{world}"
             seconds = re.search(rf"\[{stage}\] reference log-probs of \d+ pairs computed on {world} rank\(s\) in "
-                                rf"([\d.]+) s", proc.stdout)
+                                rf"([\d.]+) s \(([\d.]+) s of it loading", proc.stdout)
             if seconds is None:
                 sys.exit(f"{stage} printed no cache time:\n{proc.stdout[-4000:]}")
             out[world] = {"bytes_per_rank": json.loads((run / stage / "reference.json").read_text())["bytes_per_rank"],
-                          "cache_s": float(seconds.group(1))}
+                          "cache_s": float(seconds.group(1)), "load_s": float(seconds.group(2))}
         out["params"] = out[1]["bytes_per_rank"][0] // 4  # one rank holds the whole fp32 reference
         return out
 
 
 def table(res: dict) -> str:
-    lines = ["| ranks | reference MiB per rank (ZeRO-3, fp32) | share of the whole | cache build s | speed-up |",
-             "|---|---|---|---|---|"]
+    lines = ["| ranks | reference MiB per rank (ZeRO-3, fp32) | share of the whole | cache build s | of it loading s "
+             "| speed-up |", "|---|---|---|---|---|---|"]
     whole = res["params"] * 4
     for world in (1, 2):
         held = res[world]["bytes_per_rank"]
         lines.append(f"| {world} | {' / '.join(f'{b / 2**20:.1f}' for b in held)} | "
-                     f"{max(held) / whole:.3f} | {res[world]['cache_s']:.2f} | "
+                     f"{max(held) / whole:.3f} | {res[world]['cache_s']:.2f} | {res[world]['load_s']:.2f} | "
                      f"{res[1]['cache_s'] / res[world]['cache_s']:.2f}x |")
     return "\n".join(lines)
 

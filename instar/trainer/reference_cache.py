@@ -66,8 +66,10 @@ def cached_pair_logps(ctx, engine, reference: str, load_model, examples: list, p
         start, size = rank_slice(len(examples), ctx.rank, ctx.world_size)
         mine = examples[start:start + size]
         mine += [examples[0]] * (size - len(mine))  # padded: ZeRO-3 forwards are collectives
+        model = load_model()
+        loaded = time.perf_counter() - t0
         with engine.autocast():  # as the reference runs on the fly
-            values = pair_logps(load_model(), mine, pad_id, engine.device)
+            values = pair_logps(model, mine, pad_id, engine.device)
         values = gather_rows(values, ctx.world_size, engine.device)[:len(examples)]
         if ctx.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,7 @@ def cached_pair_logps(ctx, engine, reference: str, load_model, examples: list, p
             os.replace(tmp, path)
         engine.barrier()  # the file is whole before any rank goes on (and may later read it)
         say(f"[{ctx.name}] reference log-probs of {len(examples)} pairs computed on {ctx.world_size} rank(s) in "
-            f"{time.perf_counter() - t0:.2f} s, loading the reference included", ctx.quiet or ctx.rank != 0)
+            f"{time.perf_counter() - t0:.2f} s ({loaded:.2f} s of it loading the reference)", ctx.quiet or ctx.rank != 0)
         return values
     values = torch.load(path, weights_only=True)
     if values.shape != (len(examples), 2):
