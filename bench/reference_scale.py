@@ -60,7 +60,8 @@ def recipe(folder: Path, model: dict, pairs: int) -> dict:
             "pretrain": {"kind": "pretrain", "data": {"generate": {"split": "pretrain", "rows": 64}},
                          "train": {"steps": 1}},
             "dpo_1": {**dpo, "distributed": {**zero3, "nproc_per_node": 1}},
-            "dpo_2": {**dpo, "distributed": {**zero3, "nproc_per_node": 2}, "train": {"steps": 1, "micro_batch_size": 1}},
+            "dpo_2": {**dpo, "distributed": {**zero3, "nproc_per_node": 2},  # the same global batch of 2 pairs
+                      "train": {"steps": 1, "micro_batch_size": 1}},
         },
     }
 

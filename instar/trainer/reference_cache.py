@@ -78,7 +78,8 @@ def cached_pair_logps(ctx, engine, reference: str, load_model, examples: list, p
             os.replace(tmp, path)
         engine.barrier()  # the file is whole before any rank goes on (and may later read it)
         say(f"[{ctx.name}] reference log-probs of {len(examples)} pairs computed on {ctx.world_size} rank(s) in "
-            f"{time.perf_counter() - t0:.2f} s ({loaded:.2f} s of it loading the reference)", ctx.quiet or ctx.rank != 0)
+            f"{time.perf_counter() - t0:.2f} s ({loaded:.2f} s of it loading the reference)",
+            ctx.quiet or ctx.rank != 0)
         return values
     values = torch.load(path, weights_only=True)
     if values.shape != (len(examples), 2):

@@ -236,8 +236,8 @@ class DpoKind(TrainingKind):
         elif "ref_logps" in batch:
             ref_c, ref_r = batch["ref_logps"].to(policy_c).unbind(-1)
         else:
-            with torch.no_grad():
-                ref_c, ref_r, _, _ = segment_logps(forward_logits(self._reference, batch), batch)  # step_batches loaded it
+            with torch.no_grad():  # step_batches loaded the reference
+                ref_c, ref_r, _, _ = segment_logps(forward_logits(self._reference, batch), batch)
         losses, reward_c, reward_r = preference_losses(policy_c, policy_r, ref_c, ref_r, n_c, n_r, spec)
         if self._check_ln2:
             self._check_ln2 = False
