@@ -167,6 +167,19 @@ def test_cached_reference_log_probs_equal_on_the_fly(tmp_path: Path):
         assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], rel=1e-4, abs=1e-6)
 
 
+def test_a_reference_cache_of_the_wrong_shape_is_a_user_error(tmp_path: Path, capsys):
+    """A cache file changed by hand (its key still matches): exit 2, naming the file and the fix."""
+    recipe = _dpo_recipe()
+    recipe["stages"]["dpo"]["train"] = {"steps": 1}
+    path = write_recipe(tmp_path, recipe)
+    assert main(["run", str(path)]) == 0
+    (cache,) = (tmp_path / "runs/t/dpo/reference_logps").glob("sft-*.pt")
+    torch.save(torch.zeros(3, 2), cache)
+    assert main(["run", str(path), "stages.dpo.train.lr=1e-4"]) == 2  # dpo runs again, with the same pairs
+    err = capsys.readouterr().err
+    assert f"{cache}: holds (3, 2) reference log-probs for 64 pairs" in err and "delete it" in err
+
+
 def test_on_policy_negatives_come_from_the_parent_model(tmp_path: Path):
     recipe = _dpo_recipe()
     recipe["stages"]["dpo"]["negatives"] = {"samples": 2, "max_new_tokens": 4, "temperature": 1.0}

@@ -4,7 +4,8 @@ For each row, the stage's starting model samples a few completions of the prompt
 that differs from `chosen` becomes `rejected`. Those are the errors the model actually makes,
 which a fixed near-miss negative only guesses at. Rows the model always answers right keep the
 data's own `rejected`, or are dropped (`only_mistakes`) so training looks only at the errors.
-Sampling is seeded per row, so the pairs are the same on every rank and every re-run.
+Sampling is seeded per row (its place in the dataset), so the pairs are the same however the rows
+are split over ranks, and on every re-run.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
     return list(enc["input_ids"])
 
 
-def policy_negatives(model, tokenizer, rows: list[dict], cfg, seed: int, batch_size: int = 256) -> tuple[list[dict], int]:
-    """(rows with on-policy `rejected` answers, how many rows got one)."""
+def policy_negatives(model, tokenizer, rows: list[dict], cfg, seed: int, first: int = 0,
+                     batch_size: int = 256) -> tuple[list[dict], int]:
+    """(rows with on-policy `rejected` answers, how many rows got one); `first` is the dataset
+    index of rows[0]."""
     from instar.eval.generate import decode_batch, sampling_pick
 
     k = cfg.samples
@@ -30,7 +33,7 @@ def policy_negatives(model, tokenizer, rows: list[dict], cfg, seed: int, batch_s
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         prompts = [_prompt_ids(tokenizer, r["prompt"]) for r in chunk for _ in range(k)]
-        generators = [torch.Generator().manual_seed(zlib.crc32(f"{seed}:{start + i // k}:{i % k}".encode()))
+        generators = [torch.Generator().manual_seed(zlib.crc32(f"{seed}:{first + start + i // k}:{i % k}".encode()))
                       for i in range(len(prompts))]
         with torch.inference_mode():
             ids = decode_batch(model, prompts, cfg.max_new_tokens, [tokenizer.eos_token_id], tokenizer.pad_token_id,
@@ -44,3 +47,15 @@ def policy_negatives(model, tokenizer, rows: list[dict], cfg, seed: int, batch_s
             elif not cfg.only_mistakes:
                 out.append(row)
     return out, replaced
+
+
+def split_policy_negatives(model, tokenizer, rows: list[dict], cfg, seed: int, rank: int,
+                           world: int) -> tuple[list[dict], int]:
+    """`policy_negatives` of every row, each rank sampling its contiguous slice; the results are
+    gathered in dataset order on every rank."""
+    from instar.trainer.split_work import gather_objects, rank_slice
+
+    start, size = rank_slice(len(rows), rank, world)
+    parts = gather_objects(policy_negatives(model, tokenizer, rows[start:start + size], cfg, seed, first=start),
+                           world)
+    return [row for part, _ in parts for row in part], sum(n for _, n in parts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ def cache_path(ctx, reference: str, examples: list) -> Path:
     return ctx.stage_dir / "reference_logps" / f"{reference}-{digest}.pt"
 
 
-def pair_logps(model, examples: list, pad_id: int, batch_size: int = 32) -> torch.Tensor:
+def pair_logps(model, examples: list, pad_id: int, device: torch.device, batch_size: int = 32) -> torch.Tensor:
     """[N, 2] summed log-probs (chosen, rejected) of each two-segment example under `model`."""
     from instar.data.packing import collate_rows
     from instar.trainer.engine import to_device
@@ -46,25 +47,43 @@ def pair_logps(model, examples: list, pad_id: int, batch_size: int = 32) -> torc
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             rows = [[ex] for ex in examples[start:start + batch_size]]
-            batch = collate_rows(rows, pad_id, max(len(r[0].input_ids) for r in rows))
-            batch = to_device(batch, next(model.parameters()).device)
+            batch = to_device(collate_rows(rows, pad_id, max(len(r[0].input_ids) for r in rows)), device)
             chosen, rejected, _, _ = segment_logps(forward_logits(model, batch), batch)
             out.append(torch.stack([chosen, rejected], dim=-1).float().cpu())
     return torch.cat(out)
 
 
 def cached_pair_logps(ctx, engine, reference: str, load_model, examples: list, pad_id: int) -> torch.Tensor:
-    """The [N, 2] reference log-probs of `examples`, from the cache file or computed by rank 0
-    (the other ranks wait, then read the file)."""
+    """The [N, 2] reference log-probs of `examples`, from the cache file or computed by every rank
+    on its slice of the pairs and gathered (rank 0 writes the file); every rank returns them all."""
+    from instar.console import say
+    from instar.errors import ContractError
+    from instar.trainer.split_work import gather_rows, rank_slice
+
     path = cache_path(ctx, reference, examples)
-    if ctx.rank == 0 and not path.exists():
-        values = pair_logps(load_model(), examples, pad_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(values, tmp)
-        os.replace(tmp, path)
-    engine.barrier()
+    if engine.all_reduce_sum(float(path.exists())) < ctx.world_size:  # one decision for every rank
+        t0 = time.perf_counter()
+        start, size = rank_slice(len(examples), ctx.rank, ctx.world_size)
+        mine = examples[start:start + size]
+        mine += [examples[0]] * (size - len(mine))  # padded: ZeRO-3 forwards are collectives
+        model = load_model()
+        loaded = time.perf_counter() - t0
+        with engine.autocast():  # as the reference runs on the fly
+            values = pair_logps(model, mine, pad_id, engine.device)
+        values = gather_rows(values, ctx.world_size, engine.device)[:len(examples)]
+        if ctx.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(values, tmp)
+            os.replace(tmp, path)
+        engine.barrier()  # the file is whole before any rank goes on (and may later read it)
+        say(f"[{ctx.name}] reference log-probs of {len(examples)} pairs computed on {ctx.world_size} rank(s) in "
+            f"{time.perf_counter() - t0:.2f} s ({loaded:.2f} s of it loading the reference)",
+            ctx.quiet or ctx.rank != 0)
+        return values
     values = torch.load(path, weights_only=True)
     if values.shape != (len(examples), 2):
-        raise RuntimeError(f"{path} holds {tuple(values.shape)} values for {len(examples)} pairs; delete it")
+        raise ContractError(f"{path}: holds {tuple(values.shape)} reference log-probs for {len(examples)} pairs "
+                            f"(the file was changed after it was written); delete it and run the stage again "
+                            f"to recompute it")
     return values

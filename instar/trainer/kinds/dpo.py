@@ -127,13 +127,18 @@ class DpoKind(TrainingKind):
             return rows
         from instar.console import say
         from instar.models.build import load_pretrained
-        from instar.trainer.on_policy import policy_negatives
+        from instar.trainer.on_policy import split_policy_negatives
 
         from instar.trainer.engine import resolve_device
 
+        if self.ctx.world_size > 1:  # before the engine exists: the ranks gather their slices' rows
+            from instar.trainer.deepspeed_engine import init_distributed
+
+            init_distributed()
         model = load_pretrained(self.ctx.parent_model_dir(self.ctx.parents[0]))
         model = model.to(resolve_device(self.ctx.spec.distributed.device, self.ctx.name))  # sample on the GPU
-        rows, replaced = policy_negatives(model, tokenizer, rows, cfg, self.ctx.seed)
+        rows, replaced = split_policy_negatives(model, tokenizer, rows, cfg, self.ctx.seed, self.ctx.rank,
+                                                self.ctx.world_size)
         say(f"[{self.ctx.name}] on-policy negatives: {replaced} rows got a rejected answer sampled from "
             f"'{self.ctx.parents[0]}'; {len(rows)} rows in all (see pairs.jsonl)", self.ctx.quiet or self.ctx.rank != 0)
         if self.ctx.rank == 0:  # the pairs actually trained on, for inspection (and controls)
@@ -150,13 +155,16 @@ class DpoKind(TrainingKind):
         """The default micro-batches, plus each pair's cached reference log-probs in the order
         `segment_logps` returns pairs (row by row, left to right)."""
         work = super().step_batches(engine, batcher, rows_all, mine, layout, step)
-        if self.ctx.spec.reference_free or self.ctx.spec.reference_logps != "cached":
+        if self.ctx.spec.reference_free:
+            return work
+        if self.ctx.spec.reference_logps != "cached":
+            self._reference_model(engine)  # `loss` runs it on each batch
             return work
         if self._ref_cache is None:
             from instar.trainer.reference_cache import cached_pair_logps
 
             self._ref_cache = cached_pair_logps(self.ctx, engine, self.reference_stage,
-                                                lambda: self._reference_model(engine.model), self._examples,
+                                                lambda: self._reference_model(engine), self._examples,
                                                 self._tokenizer.pad_token_id)
         mb = layout.micro_batch_size
         for i, batch in enumerate(work.batches):
@@ -174,9 +182,9 @@ class DpoKind(TrainingKind):
         self._check_ln2 = (step == 0 and spec.loss == "sigmoid" and spec.label_smoothing == 0
                            and spec.nll_coef == 0 and self.reference_stage == self.ctx.parents[0])
 
-    def _reference_model(self, policy):
+    def _reference_model(self, engine):
         if self._reference is None:
-            self._reference = load_reference_model(self.ctx, self._tokenizer, next(policy.parameters()).device)
+            self._reference = load_reference_model(self.ctx, self._tokenizer, engine)
         return self._reference
 
     def loss(self, model, batch, n_pairs):
@@ -192,8 +200,8 @@ class DpoKind(TrainingKind):
         elif "ref_logps" in batch:
             ref_c, ref_r = batch["ref_logps"].to(policy_c).unbind(-1)
         else:
-            with torch.no_grad():
-                ref_c, ref_r, _, _ = segment_logps(forward_logits(self._reference_model(model), batch), batch)
+            with torch.no_grad():  # step_batches loaded the reference
+                ref_c, ref_r, _, _ = segment_logps(forward_logits(self._reference, batch), batch)
         losses, reward_c, reward_r = preference_losses(policy_c, policy_r, ref_c, ref_r, n_c, n_r, spec)
         if self._check_ln2:
             self._check_ln2 = False

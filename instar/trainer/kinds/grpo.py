@@ -291,8 +291,7 @@ class GrpoKind(TrainingKind):
 
     def _reference_model(self, engine):
         if self._reference is None:
-            device = next(engine.model.parameters()).device
-            self._reference = load_reference_model(self.ctx, self._tokenizer, device)
+            self._reference = load_reference_model(self.ctx, self._tokenizer, engine)
         return self._reference
 
     # --- objective ---
