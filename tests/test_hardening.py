@@ -1,0 +1,97 @@
+"""Hostile recipes and faults (issue 15): each test reproduces one way instar lost or leaked data."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from instar.config.load import load_recipe
+from instar.errors import RecipeError
+from tests.conftest import tiny_recipe, write_recipe
+
+
+def _stage_named(tmp_path: Path, name) -> Path:
+    recipe = tiny_recipe()
+    recipe["stages"] = {name: recipe["stages"]["pretrain"]}
+    return write_recipe(tmp_path, recipe)
+
+
+@pytest.mark.parametrize("name", ["/abs/path/victim", "../../x", "", ".", "data", "a/b", "graph.json", "Slurm",
+                                  "x" * 300, 7, None])
+def test_stage_names_that_are_not_one_plain_folder_are_refused(tmp_path: Path, name):
+    path = _stage_named(tmp_path, name)
+    with pytest.raises(RecipeError, match=rf"{path}:\d+: stages\.") as err:
+        load_recipe(path)
+    assert "rename" in str(err.value) or "shorten" in str(err.value) or "quote" in str(err.value)
+
+
+def test_plain_stage_names_load(tmp_path: Path):
+    assert list(load_recipe(_stage_named(tmp_path, "pre-train_2.v1")).recipe.stages) == ["pre-train_2.v1"]
+
+
+def test_non_finite_numbers_are_refused(tmp_path: Path):
+    path = write_recipe(tmp_path, tiny_recipe())
+    path.write_text(path.read_text().replace("lr: 0.003", "lr: .inf"))
+    with pytest.raises(RecipeError, match=r"defaults\.train\.lr: Input should be a finite number"):
+        load_recipe(path)
+    with pytest.raises(RecipeError, match=r"optimizer\.eps: Input should be a finite number"):
+        load_recipe(write_recipe(tmp_path, tiny_recipe()), ["defaults.optimizer.eps=.nan"])
+
+
+def test_duplicate_keys_name_both_lines(tmp_path: Path):
+    text = write_recipe(tmp_path, tiny_recipe()).read_text()
+    text = text.replace("    lr: 0.003\n", "    lr: 0.003\n    lr: 0.1\n")
+    text = text.replace("stages:\n", "stages:\n  sft:\n    kind: sft\n")
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    lines = text.splitlines()
+    lr = [i + 1 for i, line in enumerate(lines) if line.strip().startswith("lr:")]
+    sft = [i + 1 for i, line in enumerate(lines) if line == "  sft:"]
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert f"{path}:{lr[1]}: defaults.train.lr: given twice (also at line {lr[0]})" in msg
+    assert f"{path}:{sft[1]}: stages.sft: given twice (also at line {sft[0]})" in msg
+
+
+def test_model_config_typo_names_key_and_closest(tmp_path: Path):
+    recipe = tiny_recipe()
+    recipe["model"]["config"]["hidden_sise"] = recipe["model"]["config"].pop("hidden_size")
+    recipe["model"]["config"]["rope_theta"] = 10000.0  # a legacy key HF still maps: accepted
+    path = write_recipe(tmp_path, recipe)
+    with pytest.raises(RecipeError, match=r"recipe.yaml:\d+: model.config.hidden_sise: not a field of LlamaConfig, "
+                                          r"which ignores it; did you mean 'hidden_size'\?") as err:
+        load_recipe(path)
+    assert "rope_theta" not in str(err.value)
+
+
+@pytest.mark.parametrize("seq_len", [129, 1_000_000_000])
+def test_seq_len_is_bounded_by_the_models_positions(tmp_path: Path, seq_len):
+    recipe = tiny_recipe()
+    recipe["stages"]["sft"]["train"]["seq_len"] = seq_len
+    with pytest.raises(RecipeError, match=r"stages\.sft\.train\.seq_len"):
+        load_recipe(write_recipe(tmp_path, recipe))
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path: Path):
+    path = write_recipe(tmp_path, tiny_recipe())
+    bomb = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    bomb += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    text = path.read_text().replace("defaults:\n", "defaults:\n  bomb:\n" + "".join(f"    {b}\n" for b in bomb), 1)
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=r"expand this recipe to more than 100,000 values"):
+        load_recipe(path)
+    path.write_text("run: &r {name: t, x: *r}\n")
+    with pytest.raises(RecipeError, match="recursive structure"):
+        load_recipe(path)
+
+
+def test_small_anchors_still_work(tmp_path: Path):
+    text = write_recipe(tmp_path, tiny_recipe()).read_text()
+    text = text.replace("    train:\n      steps: 12\n", "    train: &t\n      steps: 12\n")
+    text = text.replace("    train:\n      steps: 6\n", "    train: *t\n", 1)  # cpt's
+    (tmp_path / "a.yaml").write_text(text)
+    assert load_recipe(tmp_path / "a.yaml").recipe.stages["cpt"].train.steps == 12
