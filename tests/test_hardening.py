@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -95,3 +97,35 @@ def test_small_anchors_still_work(tmp_path: Path):
     text = text.replace("    train:\n      steps: 6\n", "    train: *t\n", 1)  # cpt's
     (tmp_path / "a.yaml").write_text(text)
     assert load_recipe(tmp_path / "a.yaml").recipe.stages["cpt"].train.steps == 12
+
+
+@pytest.mark.parametrize("name", ["../victim", "/abs/victim", "a/b", "data", ""])
+def test_stage_folder_refuses_paths_outside_the_run(tmp_path: Path, name):
+    """The one place stage paths are built refuses names that bypass the recipe (argv, graph.json)."""
+    from instar.trainer.context import stage_folder
+
+    run_dir = tmp_path / "runs" / "t"
+    with pytest.raises(RecipeError, match=f"stage {name!r}"):
+        stage_folder(run_dir, name)
+    assert stage_folder(run_dir, "sft") == run_dir / "sft"
+
+
+def test_symlinked_stage_folder_is_refused(tmp_path: Path):
+    from instar.trainer.context import stage_folder
+
+    run_dir = tmp_path / "runs" / "t"
+    run_dir.mkdir(parents=True)
+    (tmp_path / "victim").mkdir()
+    (run_dir / "sft").symlink_to(tmp_path / "victim")
+    with pytest.raises(RecipeError, match="resolves outside the run directory"):
+        stage_folder(run_dir, "sft")
+
+
+def test_worker_with_a_hostile_stage_argument_writes_nothing_outside(tmp_path: Path):
+
+    run_dir = tmp_path / "runs" / "t"
+    run_dir.mkdir(parents=True)
+    out = subprocess.run([sys.executable, "-m", "instar.launch.worker", str(run_dir), "../escaped"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    assert out.returncode != 0 and "stage '../escaped'" in out.stderr + out.stdout
+    assert not (tmp_path / "runs" / "escaped").exists()

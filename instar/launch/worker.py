@@ -58,14 +58,14 @@ def run(run_dir: Path, stage: str) -> int:
     from instar.graph.plan import make_plan
     from instar.launch import preempt
     from instar.launch.env import detect
-    from instar.trainer.context import StageContext
+    from instar.trainer.context import StageContext, stage_folder
     from instar.trainer.kinds import get_kind
 
     # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     env = detect()
     preempt.install()
-    _log_to_file(run_dir / stage / "logs", env.rank,
+    _log_to_file(stage_folder(run_dir, stage) / "logs", env.rank,
                  f"[{stage}] rank {env.rank}/{env.world_size} pid {os.getpid()} host {os.uname().nodename}")
     try:
         graph = json.loads((run_dir / "graph.json").read_text())
