@@ -129,3 +129,43 @@ def test_worker_with_a_hostile_stage_argument_writes_nothing_outside(tmp_path: P
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
     assert out.returncode != 0 and "stage '../escaped'" in out.stderr + out.stdout
     assert not (tmp_path / "runs" / "escaped").exists()
+
+
+def _one_stage(tmp_path: Path, **train) -> Path:
+    recipe = tiny_recipe()
+    recipe["stages"] = {"pretrain": recipe["stages"]["pretrain"]}
+    recipe["stages"]["pretrain"]["train"] = {"steps": 4, **train}
+    recipe["defaults"]["eval"] = {}
+    return write_recipe(tmp_path, recipe)
+
+
+def test_a_diverged_stage_fails_and_exports_nothing(tmp_path: Path):
+    """lr 1e30: step 1 applies and makes every weight non-finite, later steps are skipped (fewer than
+    max_bad_steps): the stage used to be `done` with NaN weights."""
+    from instar.graph.runner import run_recipe
+    from instar.graph.state import read_state
+    from instar.errors import TrainingError
+
+    loaded = load_recipe(_one_stage(tmp_path, lr=1e30, max_bad_steps=5, checkpoint_every=0))
+    with pytest.raises(TrainingError, match=r"its last 3 optimizer step\(s\) had a non-finite loss .* lower "
+                                            r"stages\.pretrain\.train\.lr"):
+        run_recipe(loaded, quiet=True)
+    stage_dir = loaded.run_dir / "pretrain"
+    assert not (stage_dir / "model").exists() and read_state(stage_dir)["state"] == "failed"
+
+
+def test_write_artifact_refuses_non_finite_weights(tmp_path: Path):
+    import torch
+
+    from instar.data.tokenizer import load_tokenizer
+    from instar.errors import TrainingError
+    from instar.models.build import model_from_config
+    from instar.models.export import write_artifact
+
+    tokenizer = load_tokenizer("instar-char")
+    model = model_from_config(tiny_recipe()["model"]["config"], tokenizer, seed=0)
+    with torch.no_grad():
+        model.model.norm.weight[3] = float("inf")
+    with pytest.raises(TrainingError, match=r"stage 's': weight model\.norm\.weight holds inf or NaN"):
+        write_artifact(tmp_path / "s" / "model", model, tokenizer, {"stage": "s"})
+    assert not (tmp_path / "s").exists()

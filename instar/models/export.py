@@ -13,6 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from instar.errors import TrainingError
+
 DONE = "DONE"
 META = "instar.json"
 
@@ -34,8 +38,17 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(trash)
 
 
+def check_finite(model, where: str) -> None:
+    """Refuse weights holding inf or NaN: such an artifact would be cached as a finished stage."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TrainingError(f"{where}: weight {name} holds inf or NaN values, so no artifact is written; "
+                                f"the stage diverged: lower its train.lr or check its data (or its parents')")
+
+
 def write_artifact(model_dir: Path, model, tokenizer, meta: dict[str, Any]) -> None:
     """Save `model` (HF PreTrainedModel) and `tokenizer` with `meta` as `model_dir`, atomically."""
+    check_finite(model, f"stage '{meta.get('stage', model_dir.parent.name)}'")
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.tmp", dir=model_dir.parent))
     try:
