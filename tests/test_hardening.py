@@ -169,3 +169,76 @@ def test_write_artifact_refuses_non_finite_weights(tmp_path: Path):
     with pytest.raises(TrainingError, match=r"stage 's': weight model\.norm\.weight holds inf or NaN"):
         write_artifact(tmp_path / "s" / "model", model, tokenizer, {"stage": "s"})
     assert not (tmp_path / "s").exists()
+
+
+def _weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def _losses(stage_dir: Path) -> list[float]:
+    import json
+
+    return [json.loads(line)["loss"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _truncate(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _flip(f: Path) -> None:
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory):
+    """A finished 12-step stage with its checkpoints at steps 4 and 8, and its final weights/losses."""
+    from instar.graph.runner import run_recipe
+
+    folder = tmp_path_factory.mktemp("ckpt")
+    loaded = load_recipe(_one_stage(folder, steps=12, checkpoint_every=4))
+    run_recipe(loaded, quiet=True)
+    stage_dir = loaded.run_dir / "pretrain"
+    assert sorted(p.name for p in (stage_dir / "checkpoints").iterdir()) == ["step-00000004", "step-00000008"]
+    return loaded, stage_dir, _weights(stage_dir / "model"), _losses(stage_dir)
+
+
+def _largest_file(ckpt: Path) -> Path:
+    return max((p for p in ckpt.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", [_truncate, Path.unlink, _flip], ids=["truncated", "deleted", "flipped"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(checkpointed_run, damage, capfd):
+    import torch
+
+    from instar.graph.runner import run_recipe
+    from instar.models.export import remove_tree
+
+    loaded, stage_dir, weights, losses = checkpointed_run
+    remove_tree(stage_dir / "model")  # the stage is pending again, with its two checkpoints
+    victim = _largest_file(stage_dir / "checkpoints" / "step-00000008")
+    damage(victim)
+    run_recipe(loaded, quiet=False)
+    err = capfd.readouterr()
+    assert f"checkpoint {stage_dir / 'checkpoints' / 'step-00000008'} is damaged ({victim.name}" in err.err
+    assert "resuming from step-00000004 (step 4/12)" in err.out
+    got = _weights(stage_dir / "model")
+    assert got.keys() == weights.keys() and all(torch.equal(got[k], weights[k]) for k in weights)
+    assert _losses(stage_dir) == losses
+
+
+def test_every_checkpoint_damaged_is_a_clear_error(checkpointed_run, capsys):
+    from instar.cli import main
+    from instar.models.export import remove_tree
+
+    loaded, stage_dir, _, _ = checkpointed_run
+    remove_tree(stage_dir / "model")
+    for ckpt in (stage_dir / "checkpoints").iterdir():
+        _flip(_largest_file(ckpt))
+    assert main(["run", str(loaded.path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "every checkpoint of this stage" in err and f"delete {stage_dir / 'checkpoints'}" in err
+    assert "Traceback" not in err
