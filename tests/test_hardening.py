@@ -242,3 +242,50 @@ def test_every_checkpoint_damaged_is_a_clear_error(checkpointed_run, capsys):
     err = capsys.readouterr().err
     assert "every checkpoint of this stage" in err and f"delete {stage_dir / 'checkpoints'}" in err
     assert "Traceback" not in err
+
+
+def test_leftovers_of_a_killed_run_are_removed_on_the_next_run(checkpointed_run, capsys):
+    """A kill during export leaves `.model.tmp*` (a whole model), one while an old checkpoint is being
+    removed `.step-N.trash*`, one mid-save `.tmp-step-N`: the stage's next run removes them and says so."""
+    import shutil
+
+    from instar.graph.runner import run_recipe
+    from instar.models.export import remove_tree
+
+    loaded, stage_dir, _, _ = checkpointed_run
+    remove_tree(stage_dir / "model")
+    shutil.rmtree(stage_dir / "checkpoints")  # a fresh start: the leftovers must not count as checkpoints
+    (stage_dir / "checkpoints").mkdir()
+    (stage_dir / ".model.tmpab12cd").mkdir()
+    (stage_dir / ".model.tmpab12cd" / "model.safetensors").write_bytes(b"x" * 2**20)
+    (stage_dir / "checkpoints" / ".step-00000004.trash4242").mkdir()
+    (stage_dir / "checkpoints" / ".step-00000004.trash4242" / "loop.json").write_text("{}")
+    (stage_dir / "checkpoints" / ".tmp-step-00000008").mkdir()
+    (stage_dir / ".state.json.tmp999").write_text("{}")
+    run_recipe(loaded, quiet=False)
+    out = capsys.readouterr().out
+    assert "[pretrain] removed 4 leftover(s) of a killed run (1.0 MiB)" in out
+    assert sorted(p.name for p in stage_dir.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in (stage_dir / "checkpoints").iterdir()) == ["step-00000004", "step-00000008"]
+
+
+def test_artifacts_and_data_follow_the_umask(tmp_path: Path):
+    from instar.graph.runner import run_recipe
+
+    from instar.data.jsonl import write_rows
+
+    old = os.umask(0o022)
+    try:
+        loaded = load_recipe(_one_stage(tmp_path, steps=2, checkpoint_every=1))
+        run_recipe(loaded, quiet=True)
+        write_rows(tmp_path / "pairs.jsonl", [{"a": 1}])  # dpo's pairs, `instar data arithmetic`
+    finally:
+        os.umask(old)
+    assert (tmp_path / "pairs.jsonl").stat().st_mode & 0o777 == 0o644
+    model = loaded.run_dir / "pretrain" / "model"
+    assert model.stat().st_mode & 0o777 == 0o755
+    assert (model / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    ckpt = next((loaded.run_dir / "pretrain" / "checkpoints").iterdir())
+    assert {p.stat().st_mode & 0o777 for p in [ckpt, *ckpt.rglob("*")] if p.is_dir()} == {0o755}
+    assert {p.stat().st_mode & 0o777 for p in ckpt.rglob("*") if p.is_file()} == {0o644}
+    assert {p.stat().st_mode & 0o777 for p in model.iterdir()} == {0o644}

@@ -21,7 +21,7 @@ from instar.data.jsonl import read_rows
 from instar.errors import ContractError, InstarError
 from instar.graph.plan import StagePlan, make_plan
 from instar.graph.state import write_state
-from instar.models.export import read_meta, remove_tree, write_json_atomic
+from instar.models.export import read_meta, remove_leftovers, remove_tree, write_json_atomic
 from instar.trainer.context import stage_folder
 
 
@@ -162,6 +162,9 @@ def run_recipe(loaded: LoadedRecipe, quiet: bool = False, node_rank: int = 0) ->
             # of another configuration must not outlive them: if the attempt were killed, it would
             # count as cached next time, beside logs that are not its own.
             remove_tree(stage_dir / "model")
+            freed = remove_leftovers(stage_dir)
+            if freed:
+                say(f"[{sp.name}] {freed}", quiet)
             write_state(stage_dir, "running", fingerprint=sp.fingerprint)
             try:
                 metrics = _run_stage(loaded, sp, quiet, node_rank)

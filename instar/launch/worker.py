@@ -58,6 +58,7 @@ def run(run_dir: Path, stage: str) -> int:
     from instar.graph.plan import make_plan
     from instar.launch import preempt
     from instar.launch.env import detect
+    from instar.models.export import remove_leftovers
     from instar.trainer.context import StageContext, stage_folder
     from instar.trainer.kinds import get_kind
 
@@ -78,6 +79,9 @@ def run(run_dir: Path, stage: str) -> int:
         if sp.fingerprint != recorded.get(stage):
             raise ContractError(f"stage '{stage}': the recipe changed after `instar run` planned it "
                                 f"({recorded.get(stage)} -> {sp.fingerprint}); run `instar run` again")
+        freed = remove_leftovers(stage_folder(run_dir, stage)) if env.rank == 0 else None  # a Slurm job's first step
+        if freed:
+            say(f"[{stage}] {freed}", graph.get("quiet", False))
         ctx = StageContext(name=sp.name, spec=sp.spec, loaded=loaded,
                            fingerprint=sp.fingerprint, checkpoint_key=sp.checkpoint_key, parents=sp.parents,
                            data_paths=sp.data_paths, data_hashes=sp.data_hashes, rank=env.rank,

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from instar.errors import TrainingError
-from instar.models.export import remove_tree
+from instar.models.export import follow_umask, remove_tree
 from instar.models.fp8 import amax_histories, load_amax_histories
 
 PREFIX = "step-"
@@ -107,6 +107,7 @@ def save_checkpoint(root: Path, step: int, engine, loop_state: dict[str, Any], k
     engine.barrier()
     _write_manifest(tmp, engine)
     if engine.rank == 0:
+        follow_umask(tmp)  # engines may write files 0600 (as safetensors does)
         final = root / f"{PREFIX}{step:08d}"
         remove_tree(final)
         tmp.rename(final)
