@@ -289,3 +289,36 @@ def test_artifacts_and_data_follow_the_umask(tmp_path: Path):
     assert {p.stat().st_mode & 0o777 for p in [ckpt, *ckpt.rglob("*")] if p.is_dir()} == {0o755}
     assert {p.stat().st_mode & 0o777 for p in ckpt.rglob("*") if p.is_file()} == {0o644}
     assert {p.stat().st_mode & 0o777 for p in model.iterdir()} == {0o644}
+
+
+def _chain(tmp_path: Path, n: int, cycle: bool = False) -> Path:
+    recipe = tiny_recipe()
+    data = {"generate": {"split": "cpt", "rows": 10}}
+    stages = {"s0": recipe["stages"]["pretrain"]}
+    stages.update({f"s{i}": {"kind": "cpt", "after": [f"s{i - 1}"], "data": data} for i in range(1, n)})
+    if cycle:
+        stages["s0"] = {"kind": "cpt", "after": [f"s{n - 1}"], "data": data}
+    recipe["stages"] = stages
+    return write_recipe(tmp_path, recipe)
+
+
+def test_a_3000_stage_chain_is_validated_and_ordered(tmp_path: Path):
+    from instar.graph.dag import StageGraph
+
+    graph = StageGraph(load_recipe(_chain(tmp_path, 3000)).recipe)
+    assert graph.topo_order() == [f"s{i}" for i in range(3000)]
+    assert graph.descendants("s2990") == {f"s{i}" for i in range(2991, 3000)}
+    with pytest.raises(RecipeError, match=r"the stages form a cycle: s0 -> s1 -> .* -> s2999 -> s0"):
+        StageGraph(load_recipe(_chain(tmp_path, 3000, cycle=True)).recipe)
+
+
+def test_topo_order_keeps_recipe_order_among_ready_stages(tmp_path: Path):
+    from instar.graph.dag import StageGraph
+
+    recipe = tiny_recipe()
+    stages = recipe["stages"]
+    recipe["stages"] = {"merged": stages["merged"], "sft_steps": stages["sft_steps"], "pretrain": stages["pretrain"],
+                        "sft": stages["sft"], "cpt": stages["cpt"]}
+    graph = StageGraph(load_recipe(write_recipe(tmp_path, recipe)).recipe)
+    assert graph.topo_order() == ["pretrain", "cpt", "sft_steps", "sft", "merged"]
+    assert graph.descendants("cpt") == {"sft", "sft_steps", "merged"}
