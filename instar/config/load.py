@@ -203,7 +203,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
         where = f"{path}:{lines.get(('stages', name), '?')}"
         problem = stage_name_problem(name)
         if problem:
-            errors.append(f"{where}: stages.{name}: {problem}")
+            shown = name if len(str(name)) <= 40 else f"{str(name)[:40]}..."
+            errors.append(f"{where}: stages.{shown}: {problem}")
             continue
         if not isinstance(spec, dict):
             errors.append(f"{where}: stages.{name}: a stage is a mapping with at least `kind`")
