@@ -66,7 +66,12 @@ def run(run_dir: Path, stage: str) -> int:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     env = detect()
     preempt.install()
-    _log_to_file(stage_folder(run_dir, stage) / "logs", env.rank,
+    try:
+        stage_dir = stage_folder(run_dir, stage)
+    except InstarError as exc:  # a stage name from argv: nothing is written for it
+        print(f"error (rank {env.rank}): {exc}", file=sys.stderr)
+        return exc.exit_code
+    _log_to_file(stage_dir / "logs", env.rank,
                  f"[{stage}] rank {env.rank}/{env.world_size} pid {os.getpid()} host {os.uname().nodename}")
     try:
         graph = json.loads((run_dir / "graph.json").read_text())
@@ -79,7 +84,7 @@ def run(run_dir: Path, stage: str) -> int:
         if sp.fingerprint != recorded.get(stage):
             raise ContractError(f"stage '{stage}': the recipe changed after `instar run` planned it "
                                 f"({recorded.get(stage)} -> {sp.fingerprint}); run `instar run` again")
-        freed = remove_leftovers(stage_folder(run_dir, stage)) if env.rank == 0 else None  # a Slurm job's first step
+        freed = remove_leftovers(stage_dir) if env.rank == 0 else None  # a Slurm job's first step
         if freed:
             say(f"[{stage}] {freed}", graph.get("quiet", False))
         ctx = StageContext(name=sp.name, spec=sp.spec, loaded=loaded,

@@ -32,8 +32,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 def umask_mode(mode: int = 0o777) -> int:
     """`mode` as the process umask lets plain mkdir/open create it (tempfile ignores the umask:
     0700 / 0600, which hides artifacts from the team on a shared cluster)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    try:  # Linux says it; setting the umask to read it would race with other threads creating files
+        status = Path("/proc/self/status").read_text()
+        mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        mask = os.umask(0)
+        os.umask(mask)
     return mode & ~mask
 
 
@@ -78,6 +82,8 @@ def check_finite(model, where: str) -> None:
     """Refuse weights holding inf or NaN: such an artifact would be cached as a finished stage."""
     import torch
     for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and tensor.dtype.itemsize == 1:
+            tensor = tensor.float()  # isfinite has no FP8 kernel
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise TrainingError(f"{where}: weight {name} holds inf or NaN values, so no artifact is written; "
                                 f"the stage diverged: lower its train.lr or check its data (or its parents')")
