@@ -26,7 +26,7 @@ def check_model_config(config: dict[str, Any]) -> tuple[list[tuple[str, str]], i
     cfg = {k: v for k, v in config.items() if k != "model_type"}
     try:
         default = AutoConfig.for_model(config["model_type"])
-    except (ValueError, KeyError) as exc:  # an unknown model_type: model_from_config reports it
+    except (ValueError, KeyError) as exc:  # an unknown model_type
         return [("model_type", str(exc).splitlines()[0])], None
     cls = type(default)
     known = _known_keys(cls)

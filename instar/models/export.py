@@ -81,6 +81,7 @@ def remove_tree(path: Path) -> None:
 def check_finite(model, where: str) -> None:
     """Refuse weights holding inf or NaN: such an artifact would be cached as a finished stage."""
     import torch
+
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and tensor.dtype.itemsize == 1:
             tensor = tensor.float()  # isfinite has no FP8 kernel
