@@ -78,6 +78,18 @@ def test_seq_len_is_bounded_by_the_models_positions(tmp_path: Path, seq_len):
         load_recipe(write_recipe(tmp_path, recipe))
 
 
+def test_seq_len_is_bounded_by_a_model_folders_positions(tmp_path: Path):
+    import json
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 32}))
+    recipe = tiny_recipe()
+    recipe["model"] = {"path": "base", "tokenizer": "instar-char"}
+    with pytest.raises(RecipeError, match=r"stages\.pretrain\.train\.seq_len: 64 is more than the model's "
+                                          r"max_position_embeddings \(32\); lower seq_len or use a longer model"):
+        load_recipe(write_recipe(tmp_path, recipe))
+
+
 def test_alias_bomb_is_refused_quickly(tmp_path: Path):
     path = write_recipe(tmp_path, tiny_recipe())
     bomb = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']

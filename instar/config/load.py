@@ -247,12 +247,11 @@ def _model_errors(loaded: LoadedRecipe, lines: dict[tuple, int]) -> list[str]:
     else:
         folder = Path(model.path)
         positions = model_dir_positions(folder if folder.is_absolute() else loaded.base_dir / folder)
-    if positions is not None:
-        for name in loaded.recipe.stages:
-            seq_len = resolve_stage(loaded.recipe, name).train.seq_len
-            if seq_len > positions:
-                line = lines.get(("stages", name, "train", "seq_len"), lines.get(("defaults", "train", "seq_len"), "?"))
-                errors.append(f"{path}:{line}: stages.{name}.train.seq_len: {seq_len} is more than the model's "
-                              f"max_position_embeddings ({positions}); lower seq_len or raise "
-                              f"model.config.max_position_embeddings")
+    fix = "raise model.config.max_position_embeddings" if model.config is not None else "use a longer model"
+    for name in loaded.recipe.stages if positions is not None else ():
+        seq_len = resolve_stage(loaded.recipe, name).train.seq_len
+        if seq_len > positions:
+            line = lines.get(("stages", name, "train", "seq_len"), lines.get(("defaults", "train", "seq_len"), "?"))
+            errors.append(f"{path}:{line}: stages.{name}.train.seq_len: {seq_len} is more than the model's "
+                          f"max_position_embeddings ({positions}); lower seq_len or {fix}")
     return errors
