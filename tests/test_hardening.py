@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+import torch
+from safetensors.torch import load_file
 
+from instar.cli import main
 from instar.config.load import load_recipe
-from instar.errors import RecipeError
+from instar.data.jsonl import write_rows
+from instar.data.tokenizer import load_tokenizer
+from instar.errors import RecipeError, TrainingError
+from instar.graph.dag import StageGraph
+from instar.graph.runner import run_recipe
+from instar.graph.state import read_state
+from instar.models.build import model_from_config
+from instar.models.export import check_finite, remove_tree, write_artifact
+from instar.trainer.context import stage_folder
 from tests.conftest import tiny_recipe, write_recipe
 
 
@@ -79,8 +91,6 @@ def test_seq_len_is_bounded_by_the_models_positions(tmp_path: Path, seq_len):
 
 
 def test_seq_len_is_bounded_by_a_model_folders_positions(tmp_path: Path):
-    import json
-
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 32}))
     recipe = tiny_recipe()
@@ -114,8 +124,6 @@ def test_small_anchors_still_work(tmp_path: Path):
 @pytest.mark.parametrize("name", ["../victim", "/abs/victim", "a/b", "data", ""])
 def test_stage_folder_refuses_paths_outside_the_run(tmp_path: Path, name):
     """The one place stage paths are built refuses names that bypass the recipe (argv, graph.json)."""
-    from instar.trainer.context import stage_folder
-
     run_dir = tmp_path / "runs" / "t"
     with pytest.raises(RecipeError, match=f"stage {name!r}"):
         stage_folder(run_dir, name)
@@ -123,8 +131,6 @@ def test_stage_folder_refuses_paths_outside_the_run(tmp_path: Path, name):
 
 
 def test_symlinked_stage_folder_is_refused(tmp_path: Path):
-    from instar.trainer.context import stage_folder
-
     run_dir = tmp_path / "runs" / "t"
     run_dir.mkdir(parents=True)
     (tmp_path / "victim").mkdir()
@@ -134,7 +140,6 @@ def test_symlinked_stage_folder_is_refused(tmp_path: Path):
 
 
 def test_worker_with_a_hostile_stage_argument_writes_nothing_outside(tmp_path: Path):
-
     run_dir = tmp_path / "runs" / "t"
     run_dir.mkdir(parents=True)
     out = subprocess.run([sys.executable, "-m", "instar.launch.worker", str(run_dir), "../escaped"],
@@ -154,10 +159,6 @@ def _one_stage(tmp_path: Path, **train) -> Path:
 def test_a_diverged_stage_fails_and_exports_nothing(tmp_path: Path):
     """lr 1e30: step 1 applies and makes every weight non-finite, later steps are skipped (fewer than
     max_bad_steps): the stage used to be `done` with NaN weights."""
-    from instar.graph.runner import run_recipe
-    from instar.graph.state import read_state
-    from instar.errors import TrainingError
-
     loaded = load_recipe(_one_stage(tmp_path, lr=1e30, max_bad_steps=5, checkpoint_every=0))
     with pytest.raises(TrainingError, match=r"its last 3 optimizer step\(s\) had a non-finite loss .* lower "
                                             r"stages\.pretrain\.train\.lr"):
@@ -167,13 +168,6 @@ def test_a_diverged_stage_fails_and_exports_nothing(tmp_path: Path):
 
 
 def test_write_artifact_refuses_non_finite_weights(tmp_path: Path):
-    import torch
-
-    from instar.data.tokenizer import load_tokenizer
-    from instar.errors import TrainingError
-    from instar.models.build import model_from_config
-    from instar.models.export import write_artifact
-
     tokenizer = load_tokenizer("instar-char")
     model = model_from_config(tiny_recipe()["model"]["config"], tokenizer, seed=0)
     with torch.no_grad():
@@ -184,11 +178,6 @@ def test_write_artifact_refuses_non_finite_weights(tmp_path: Path):
 
 
 def test_non_finite_check_covers_fp8_weights():
-    import torch
-
-    from instar.errors import TrainingError
-    from instar.models.export import check_finite
-
     layer = torch.nn.Linear(4, 4).to(torch.float8_e4m3fn)
     check_finite(layer, "stage 's'")  # no isfinite kernel for FP8: upcast, not a crash
     with torch.no_grad():
@@ -198,14 +187,10 @@ def test_non_finite_check_covers_fp8_weights():
 
 
 def _weights(model_dir: Path) -> dict:
-    from safetensors.torch import load_file
-
     return load_file(str(model_dir / "model.safetensors"))
 
 
 def _losses(stage_dir: Path) -> list[float]:
-    import json
-
     return [json.loads(line)["loss"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -222,8 +207,6 @@ def _flip(f: Path) -> None:
 @pytest.fixture(scope="module")
 def checkpointed_run(tmp_path_factory):
     """A finished 12-step stage with its checkpoints at steps 4 and 8, and its final weights/losses."""
-    from instar.graph.runner import run_recipe
-
     folder = tmp_path_factory.mktemp("ckpt")
     loaded = load_recipe(_one_stage(folder, steps=12, checkpoint_every=4))
     run_recipe(loaded, quiet=True)
@@ -238,11 +221,6 @@ def _largest_file(ckpt: Path) -> Path:
 
 @pytest.mark.parametrize("damage", [_truncate, Path.unlink, _flip], ids=["truncated", "deleted", "flipped"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(checkpointed_run, damage, capfd):
-    import torch
-
-    from instar.graph.runner import run_recipe
-    from instar.models.export import remove_tree
-
     loaded, stage_dir, weights, losses = checkpointed_run
     remove_tree(stage_dir / "model")  # the stage is pending again, with its two checkpoints
     victim = _largest_file(stage_dir / "checkpoints" / "step-00000008")
@@ -257,9 +235,6 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(checkpointed_run
 
 
 def test_every_checkpoint_damaged_is_a_clear_error(checkpointed_run, capsys):
-    from instar.cli import main
-    from instar.models.export import remove_tree
-
     loaded, stage_dir, _, _ = checkpointed_run
     remove_tree(stage_dir / "model")
     for ckpt in (stage_dir / "checkpoints").iterdir():
@@ -273,11 +248,6 @@ def test_every_checkpoint_damaged_is_a_clear_error(checkpointed_run, capsys):
 def test_leftovers_of_a_killed_run_are_removed_on_the_next_run(checkpointed_run, capsys):
     """A kill during export leaves `.model.tmp*` (a whole model), one while an old checkpoint is being
     removed `.step-N.trash*`, one mid-save `.tmp-step-N`: the stage's next run removes them and says so."""
-    import shutil
-
-    from instar.graph.runner import run_recipe
-    from instar.models.export import remove_tree
-
     loaded, stage_dir, _, _ = checkpointed_run
     remove_tree(stage_dir / "model")
     shutil.rmtree(stage_dir / "checkpoints")  # a fresh start: the leftovers must not count as checkpoints
@@ -298,9 +268,6 @@ def test_leftovers_of_a_killed_run_are_removed_on_the_next_run(checkpointed_run,
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_artifacts_and_data_follow_the_umask(tmp_path: Path, umask):
     """tempfile and safetensors wrote 0700 / 0600: the team could not read the models."""
-    from instar.data.jsonl import write_rows
-    from instar.graph.runner import run_recipe
-
     old = os.umask(umask)
     try:
         loaded = load_recipe(_one_stage(tmp_path, steps=2, checkpoint_every=1))
@@ -330,8 +297,6 @@ def _chain(tmp_path: Path, n: int, cycle: bool = False) -> Path:
 
 
 def test_a_3000_stage_chain_is_validated_and_ordered(tmp_path: Path):
-    from instar.graph.dag import StageGraph
-
     graph = StageGraph(load_recipe(_chain(tmp_path, 3000)).recipe)
     assert graph.topo_order() == [f"s{i}" for i in range(3000)]
     assert graph.descendants("s2990") == {f"s{i}" for i in range(2991, 3000)}
@@ -340,8 +305,6 @@ def test_a_3000_stage_chain_is_validated_and_ordered(tmp_path: Path):
 
 
 def test_topo_order_keeps_recipe_order_among_ready_stages(tmp_path: Path):
-    from instar.graph.dag import StageGraph
-
     recipe = tiny_recipe()
     stages = recipe["stages"]
     recipe["stages"] = {"merged": stages["merged"], "sft_steps": stages["sft_steps"], "pretrain": stages["pretrain"],
