@@ -53,6 +53,8 @@ def test_non_finite_numbers_are_refused(tmp_path: Path):
         load_recipe(path)
     with pytest.raises(RecipeError, match=r"optimizer\.eps: Input should be a finite number"):
         load_recipe(write_recipe(tmp_path, tiny_recipe()), ["defaults.optimizer.eps=.nan"])
+    with pytest.raises(RecipeError, match=r"model\.config\.rms_norm_eps: inf holds a non-finite number"):
+        load_recipe(write_recipe(tmp_path, tiny_recipe()), ["model.config.rms_norm_eps=.inf"])
 
 
 def test_duplicate_keys_name_both_lines(tmp_path: Path):

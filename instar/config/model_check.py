@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,16 @@ def _known_keys(cls) -> set[str]:
     if dataclasses.is_dataclass(cls):
         known |= {f.name for f in dataclasses.fields(cls)}
     return known - {"self", "kwargs"}
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def check_model_config(config: dict[str, Any]) -> tuple[list[tuple[str, str]], int | None]:
@@ -32,6 +43,9 @@ def check_model_config(config: dict[str, Any]) -> tuple[list[tuple[str, str]], i
     known = _known_keys(cls)
     problems = []
     for key, value in cfg.items():
+        if not _finite(value):  # the schema refuses .inf / .nan; this mapping is HF's, not pydantic's
+            problems.append((key, f"{value!r} holds a non-finite number; give a finite one"))
+            continue
         if key in known:
             continue
         try:
