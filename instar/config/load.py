@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from instar.config.overrides import apply_overrides
-from instar.config.schema import Defaults, ModelConfig, Recipe, RunConfig, StageSpec
+from instar.config.schema import Defaults, ModelConfig, Recipe, RunConfig, StageSpec, stage_name_problem
 from instar.errors import RecipeError
 
 
@@ -36,18 +36,54 @@ class LoadedRecipe:
         return Path(self.recipe.run.output_dir) / self.recipe.run.name
 
 
-def _key_lines(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
-    """Map each key path of a YAML document to its 1-based line number."""
+# A recipe is a few hundred YAML values; anchors and aliases may not multiply it past this
+# ("billion laughs": nine nested aliases expand to 10^9 values and exhaust memory).
+MAX_YAML_VALUES = 100_000
+
+
+def _check_expansion(root: yaml.Node, path: Path) -> None:
+    """Refuse a document whose aliases expand to too many values, or that holds itself."""
+    sizes: dict[int, int] = {}  # node id -> expanded size; -1 while being counted
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            if sizes[id(node)] < 0:
+                raise RecipeError(f"{path}:{node.start_mark.line + 1}: a YAML alias refers to a node that "
+                                  f"contains it (a recursive structure); write the value out")
+            return sizes[id(node)]
+        sizes[id(node)] = -1
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        total = 1 + sum(size(child) for child in children)
+        if total > MAX_YAML_VALUES:
+            raise RecipeError(f"{path}:{node.start_mark.line + 1}: YAML anchors and aliases expand this "
+                              f"recipe to more than {MAX_YAML_VALUES:,} values; write it with fewer aliases")
+        sizes[id(node)] = total
+        return total
+
+    size(root)
+
+
+def _key_lines(node: yaml.Node, path: tuple = (), duplicates: set | None = None) -> dict[tuple, int]:
+    """Map each key path of a YAML document to its 1-based line number (by the key as written and
+    as YAML reads it, e.g. 1 or null); a key given twice in one mapping goes into `duplicates`."""
     lines: dict[tuple, int] = {}
     if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
-            key_path = path + (key_node.value,)
-            lines[key_path] = key_node.start_mark.line + 1
-            lines.update(_key_lines(value_node, key_path))
+            line = key_node.start_mark.line + 1
+            # Keys are scalars here: safe_load has already refused unhashable ones.
+            key = yaml.constructor.SafeConstructor().construct_object(key_node)
+            if key_node.tag != "tag:yaml.org,2002:merge" and duplicates is not None:
+                if key in seen:
+                    duplicates.add((".".join(str(p) for p in path + (key,)), seen[key], line))
+                seen.setdefault(key, line)
+            lines[path + (key_node.value,)] = lines[path + (key,)] = line
+            lines.update(_key_lines(value_node, path + (key,), duplicates))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[path + (i,)] = item.start_mark.line + 1
-            lines.update(_key_lines(item, path + (i,)))
+            lines.update(_key_lines(item, path + (i,), duplicates))
     return lines
 
 
@@ -57,7 +93,11 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple, int]]:
     text = path.read_text()
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _check_expansion(node, path)
         raw = yaml.safe_load(text)
+    except RecursionError:
+        raise RecipeError(f"{path}: the YAML nests too deeply; a recipe is a few levels deep") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -65,7 +105,13 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple, int]]:
         raise RecipeError(f"{where}: malformed YAML: {problem}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with sections run, model, defaults, stages")
-    return raw, _key_lines(node) if node is not None else {}
+    duplicates: set[tuple[str, int, int]] = set()
+    lines = _key_lines(node, (), duplicates) if node is not None else {}
+    if duplicates:  # YAML keeps the last one silently: a duplicated stage or `lr` would be lost
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(
+            f"{path}:{second}: {key}: given twice (also at line {first}); keep one"
+            for key, first, second in sorted(duplicates, key=lambda d: (d[2], d[0]))))
+    return raw, lines
 
 
 def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -155,6 +201,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
     stages: dict[str, StageSpec] = {}
     for name, spec in stages_raw.items():
         where = f"{path}:{lines.get(('stages', name), '?')}"
+        problem = stage_name_problem(name)
+        if problem:
+            shown = name if len(str(name)) <= 40 else f"{str(name)[:40]}..."
+            errors.append(f"{where}: stages.{shown}: {problem}")
+            continue
         if not isinstance(spec, dict):
             errors.append(f"{where}: stages.{name}: a stage is a mapping with at least `kind`")
             continue
@@ -174,4 +225,33 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
     if errors:
         raise RecipeError("invalid recipe:\n  " + "\n  ".join(errors))
     recipe = Recipe(run=parsed["run"], model=parsed["model"], defaults=parsed["defaults"], stages=stages)
-    return LoadedRecipe(recipe=recipe, path=path.resolve(), raw=raw, overrides=overrides)
+    loaded = LoadedRecipe(recipe=recipe, path=path.resolve(), raw=raw, overrides=overrides)
+    errors = _model_errors(loaded, lines)
+    if errors:
+        raise RecipeError("invalid recipe:\n  " + "\n  ".join(errors))
+    return loaded
+
+
+def _model_errors(loaded: LoadedRecipe, lines: dict[tuple, int]) -> list[str]:
+    """Keys of `model.config` HF would ignore, and a `seq_len` past the model's positions (every
+    stage trains the root model's architecture, so one bound holds for all)."""
+    from instar.config.model_check import check_model_config, model_dir_positions
+    from instar.config.resolve import resolve_stage
+
+    model, path = loaded.recipe.model, loaded.path
+    errors = []
+    if model.config is not None:
+        problems, positions = check_model_config(model.config)
+        for key, problem in problems:
+            errors.append(f"{path}:{lines.get(('model', 'config', key), '?')}: model.config.{key}: {problem}")
+    else:
+        folder = Path(model.path)
+        positions = model_dir_positions(folder if folder.is_absolute() else loaded.base_dir / folder)
+    fix = "raise model.config.max_position_embeddings" if model.config is not None else "use a longer model"
+    for name in loaded.recipe.stages if positions is not None else ():
+        seq_len = resolve_stage(loaded.recipe, name).train.seq_len
+        if seq_len > positions:
+            line = lines.get(("stages", name, "train", "seq_len"), lines.get(("defaults", "train", "seq_len"), "?"))
+            errors.append(f"{path}:{line}: stages.{name}.train.seq_len: {seq_len} is more than the model's "
+                          f"max_position_embeddings ({positions}); lower seq_len or {fix}")
+    return errors

@@ -7,17 +7,42 @@ Kind-specific stage settings live in the kind's own spec class (see `instar.trai
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # `.inf` / `.nan` in a recipe are refused: an infinite lr trains nothing and used to export NaNs.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+
+# A name that is one plain folder: no separators, no leading dot, short enough for any file system.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+MAX_STAGE_NAME = 64
+# What instar writes into the run directory beside the stage folders (compared case-insensitively,
+# for case-insensitive file systems). Names starting with a dot (.lock, temp files) fail the pattern.
+RESERVED_RUN_NAMES = ("data", "slurm", "tensorboard", "wandb", "graph.json", "recipe.resolved.yaml", "report.html")
+
+
+def stage_name_problem(name: object) -> str | None:
+    """Why `name` cannot be a stage (its folder under the run directory), or None."""
+    if not isinstance(name, str):
+        return f"a stage name is text, got {type(name).__name__} {name!r}; quote it or rename the stage"
+    if len(name) > MAX_STAGE_NAME:
+        return f"a stage name has at most {MAX_STAGE_NAME} characters, this one {len(name)}; shorten it"
+    if not re.match(NAME_PATTERN, name):
+        return (f"stage name {name!r} must start with a letter or digit and hold only letters, digits, "
+                f"'_', '.' and '-' (it is a folder of the run directory); rename it")
+    if name.lower() in RESERVED_RUN_NAMES:
+        return (f"stage name {name!r} is reserved: instar writes `{name}` into the run directory "
+                f"(reserved: {', '.join(RESERVED_RUN_NAMES)}); rename the stage")
+    return None
 
 
 class RunConfig(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=NAME_PATTERN)
     output_dir: str = "runs"
     seed: int = 0
 
@@ -83,7 +108,7 @@ class TrainConfig(Strict):
     # Rows per optimizer step over all ranks. When set, grad_accum is derived from it and the world
     # size, so a stage keeps its batch (and can resume) when the number of ranks changes.
     global_batch_size: int | None = Field(default=None, gt=0)
-    seq_len: int = Field(default=128, gt=1)
+    seq_len: int = Field(default=128, gt=1, le=1 << 20)  # also at most the model's max positions (load.py)
     packing: bool = True
     warmup_ratio: float = Field(default=0.05, ge=0, le=1)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)

@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from instar.errors import DataError
+from instar.models.export import umask_mode
 
 
 @dataclass
@@ -75,6 +76,7 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         "w", encoding="utf-8", newline="\n", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
     )
     try:
+        os.chmod(handle.name, umask_mode(0o666))  # tempfile's 0600 would hide the data from the team
         with handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")

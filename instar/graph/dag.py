@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import heapq
 
 from instar.config.schema import Recipe
 from instar.errors import RecipeError
@@ -22,31 +23,25 @@ def ancestors(stages: dict, name: str) -> set[str]:
 
 
 def _find_cycle(stages: dict) -> list[str] | None:
-    """One cycle as a path [a, b, ..., a], or None."""
-    color: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        color[node] = 1
-        stack.append(node)
-        for parent in stages[node].after:
-            if parent not in stages:
-                continue
-            if color.get(parent) == 1:
-                return stack[stack.index(parent):] + [parent]
-            if color.get(parent) is None:
-                found = visit(parent)
-                if found:
-                    return found
-        stack.pop()
-        color[node] = 2
-        return None
-
-    for node in stages:
-        if color.get(node) is None:
-            found = visit(node)
-            if found:
-                return found
+    """One cycle as a path [a, b, ..., a], or None. Iterative: a chain of thousands of stages
+    would pass Python's recursion limit."""
+    color: dict[str, int] = {}  # 1: on the current path, 2: finished
+    for root in stages:
+        if root in color:
+            continue
+        color[root] = 1
+        path, todo = [root], [iter(stages[root].after)]
+        while todo:
+            parent = next((p for p in todo[-1] if p in stages and color.get(p) != 2), None)
+            if parent is None:
+                color[path.pop()] = 2
+                todo.pop()
+            elif color.get(parent) == 1:
+                return path[path.index(parent):] + [parent]
+            else:
+                color[parent] = 1
+                path.append(parent)
+                todo.append(iter(stages[parent].after))
     return None
 
 
@@ -65,17 +60,40 @@ class StageGraph:
         return [s for s, spec in self.stages.items() if name in spec.after]
 
     def topo_order(self) -> list[str]:
-        """Parents before children; among ready stages, recipe order."""
+        """Parents before children; among ready stages, recipe order (Kahn's algorithm, linear)."""
+        names = list(self.stages)
+        index = {name: i for i, name in enumerate(names)}
+        waiting = {name: len(set(spec.after)) for name, spec in self.stages.items()}
+        kids: dict[str, list[str]] = {name: [] for name in self.stages}
+        for name, spec in self.stages.items():
+            for parent in set(spec.after):
+                kids[parent].append(name)
+        ready = [index[name] for name, n in waiting.items() if n == 0]
+        heapq.heapify(ready)
         done: list[str] = []
-        remaining = list(self.stages)
-        while remaining:
-            ready = next(s for s in remaining if all(p in done for p in self.stages[s].after))
-            done.append(ready)
-            remaining.remove(ready)
+        while ready:
+            name = names[heapq.heappop(ready)]
+            done.append(name)
+            for kid in kids[name]:
+                waiting[kid] -= 1
+                if waiting[kid] == 0:
+                    heapq.heappush(ready, index[kid])
         return done
 
     def descendants(self, name: str) -> set[str]:
-        return {s for s in self.stages if name in ancestors(self.stages, s)}
+        """Every stage that depends on `name`, directly or not (one pass over the edges)."""
+        kids: dict[str, list[str]] = {}
+        for stage, spec in self.stages.items():
+            for parent in spec.after:
+                kids.setdefault(parent, []).append(stage)
+        seen: set[str] = set()
+        todo = list(kids.get(name, []))
+        while todo:
+            stage = todo.pop()
+            if stage not in seen:
+                seen.add(stage)
+                todo.extend(kids.get(stage, []))
+        return seen
 
     def _validate(self) -> None:
         from instar.config.resolve import resolve_stage

@@ -21,7 +21,8 @@ from instar.data.jsonl import read_rows
 from instar.errors import ContractError, InstarError
 from instar.graph.plan import StagePlan, make_plan
 from instar.graph.state import write_state
-from instar.models.export import read_meta, remove_tree, write_json_atomic
+from instar.models.export import read_meta, remove_leftovers, remove_tree, write_json_atomic
+from instar.trainer.context import stage_folder
 
 
 @dataclass
@@ -123,7 +124,7 @@ def _run_stage(loaded: LoadedRecipe, sp: StagePlan, quiet: bool, node_rank: int)
 
         run_stage_torchrun(loaded.run_dir, sp.name, sp.spec.distributed, node_rank,
                            run_id=f"{loaded.recipe.run.name}-{sp.name}-{sp.fingerprint}")
-        return (read_meta(loaded.run_dir / sp.name / "model") or {}).get("metrics", {})
+        return (read_meta(stage_folder(loaded.run_dir, sp.name) / "model") or {}).get("metrics", {})
     ctx = StageContext(name=sp.name, spec=sp.spec, loaded=loaded, fingerprint=sp.fingerprint,
                        checkpoint_key=sp.checkpoint_key, parents=sp.parents, data_paths=sp.data_paths,
                        data_hashes=sp.data_hashes, quiet=quiet)
@@ -149,7 +150,7 @@ def run_recipe(loaded: LoadedRecipe, quiet: bool = False, node_rank: int = 0) ->
     with run_lock(loaded.run_dir):
         save_run_files(loaded, plan, quiet)
         for sp in plan:
-            stage_dir = loaded.run_dir / sp.name
+            stage_dir = stage_folder(loaded.run_dir, sp.name)
             if sp.cached:
                 meta = read_meta(stage_dir / "model") or {}
                 say(f"[{sp.name}] cached ({sp.fingerprint})", quiet)
@@ -161,6 +162,9 @@ def run_recipe(loaded: LoadedRecipe, quiet: bool = False, node_rank: int = 0) ->
             # of another configuration must not outlive them: if the attempt were killed, it would
             # count as cached next time, beside logs that are not its own.
             remove_tree(stage_dir / "model")
+            freed = remove_leftovers(stage_dir)
+            if freed:
+                say(f"[{sp.name}] {freed}", quiet)
             write_state(stage_dir, "running", fingerprint=sp.fingerprint)
             try:
                 metrics = _run_stage(loaded, sp, quiet, node_rank)

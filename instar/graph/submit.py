@@ -23,6 +23,7 @@ from instar.graph.runner import precheck, run_lock, save_run_files
 from instar.graph.state import read_state, write_state
 from instar.launch import slurm
 from instar.launch.slurm import SlurmOptions, StageJob
+from instar.trainer.context import stage_folder
 
 
 def say(text: str, quiet: bool) -> None:
@@ -79,7 +80,7 @@ def submit_recipe(loaded: LoadedRecipe, opts: SlurmOptions, dry_run: bool = Fals
             if sp.cached:
                 out.append(Submission(sp.name, "done"))
                 continue
-            stage_dir = run_dir / sp.name
+            stage_dir = stage_folder(run_dir, sp.name)
             state = read_state(stage_dir)
             old_job = state.get("job_id") if state.get("executor") == "slurm" else None
             info = slurm.job_info(old_job) if old_job and live else None

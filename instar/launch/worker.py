@@ -58,14 +58,20 @@ def run(run_dir: Path, stage: str) -> int:
     from instar.graph.plan import make_plan
     from instar.launch import preempt
     from instar.launch.env import detect
-    from instar.trainer.context import StageContext
+    from instar.models.export import remove_leftovers
+    from instar.trainer.context import StageContext, stage_folder
     from instar.trainer.kinds import get_kind
 
     # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     env = detect()
     preempt.install()
-    _log_to_file(run_dir / stage / "logs", env.rank,
+    try:
+        stage_dir = stage_folder(run_dir, stage)
+    except InstarError as exc:  # a stage name from argv: nothing is written for it
+        print(f"error (rank {env.rank}): {exc}", file=sys.stderr)
+        return exc.exit_code
+    _log_to_file(stage_dir / "logs", env.rank,
                  f"[{stage}] rank {env.rank}/{env.world_size} pid {os.getpid()} host {os.uname().nodename}")
     try:
         graph = json.loads((run_dir / "graph.json").read_text())
@@ -78,6 +84,9 @@ def run(run_dir: Path, stage: str) -> int:
         if sp.fingerprint != recorded.get(stage):
             raise ContractError(f"stage '{stage}': the recipe changed after `instar run` planned it "
                                 f"({recorded.get(stage)} -> {sp.fingerprint}); run `instar run` again")
+        freed = remove_leftovers(stage_dir) if env.rank == 0 else None  # a Slurm job's first step
+        if freed:
+            say(f"[{stage}] {freed}", graph.get("quiet", False))
         ctx = StageContext(name=sp.name, spec=sp.spec, loaded=loaded,
                            fingerprint=sp.fingerprint, checkpoint_key=sp.checkpoint_key, parents=sp.parents,
                            data_paths=sp.data_paths, data_hashes=sp.data_hashes, rank=env.rank,

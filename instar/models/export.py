@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from instar.errors import TrainingError
 
 DONE = "DONE"
 META = "instar.json"
@@ -26,6 +29,47 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def umask_mode(mode: int = 0o777) -> int:
+    """`mode` as the process umask lets plain mkdir/open create it (tempfile ignores the umask:
+    0700 / 0600, which hides artifacts from the team on a shared cluster)."""
+    try:  # Linux says it; setting the umask to read it would race with other threads creating files
+        status = Path("/proc/self/status").read_text()
+        mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        mask = os.umask(0)
+        os.umask(mask)
+    return mode & ~mask
+
+
+def follow_umask(root: Path) -> None:
+    """Give `root` and everything under it the modes the umask allows (safetensors, like tempfile,
+    writes 0600 files)."""
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(umask_mode(0o777 if path.is_dir() else 0o666))
+
+
+# Left by a process killed mid-write or mid-delete: remove_tree's `.X.trash<pid>`, write_artifact's
+# `.model.tmp…`, save_checkpoint's `.tmp-step-…`, write_json_atomic's `.X.tmp<pid>`.
+LEFTOVER = re.compile(r"^\.(tmp-|.+\.trash\d*$|.+\.tmp)")
+
+
+def remove_leftovers(stage_dir: Path) -> str | None:
+    """Delete the leftovers of a killed attempt in a stage folder and its checkpoints (no process
+    writes them while the stage's lock is held); what was freed, or None."""
+    found = [p for folder in (stage_dir, stage_dir / "checkpoints") if folder.is_dir()
+             for p in folder.iterdir() if LEFTOVER.match(p.name)]
+    if not found:
+        return None
+    size = 0
+    for path in found:
+        files = [path] if not path.is_dir() else [f for f in path.rglob("*") if f.is_file() and not f.is_symlink()]
+        size += sum(f.lstat().st_size for f in files)
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return f"removed {len(found)} leftover(s) of a killed run ({size / 2**20:.1f} MiB): " + ", ".join(
+        sorted(p.name for p in found))
+
+
 def remove_tree(path: Path) -> None:
     """Remove a folder by first renaming it away, so a crash never leaves a half-deleted one."""
     if path.exists():
@@ -34,14 +78,28 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(trash)
 
 
+def check_finite(model, where: str) -> None:
+    """Refuse weights holding inf or NaN: such an artifact would be cached as a finished stage."""
+    import torch
+
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and tensor.dtype.itemsize == 1:
+            tensor = tensor.float()  # isfinite has no FP8 kernel
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise TrainingError(f"{where}: weight {name} holds inf or NaN values, so no artifact is written; "
+                                f"the stage diverged: lower its train.lr or check its data (or its parents')")
+
+
 def write_artifact(model_dir: Path, model, tokenizer, meta: dict[str, Any]) -> None:
     """Save `model` (HF PreTrainedModel) and `tokenizer` with `meta` as `model_dir`, atomically."""
+    check_finite(model, f"stage '{meta.get('stage', model_dir.parent.name)}'")
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.tmp", dir=model_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / META, meta)
+        follow_umask(tmp)
         remove_tree(model_dir)
         os.replace(tmp, model_dir)
     except BaseException:

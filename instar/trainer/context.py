@@ -7,7 +7,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from instar.config.load import LoadedRecipe
-from instar.config.schema import StageSpec
+from instar.config.schema import StageSpec, stage_name_problem
+from instar.errors import RecipeError
+
+
+def stage_folder(run_dir: Path, name: str) -> Path:
+    """`run_dir/name`, the only folder a stage writes or deletes in: refused unless `name` is one
+    plain folder name (recipes are checked on load; this also guards names from argv/graph.json)."""
+    problem = stage_name_problem(name)
+    folder = run_dir / str(name)
+    if problem is None and folder.resolve().parent != run_dir.resolve():
+        problem = f"stage folder {folder} resolves outside the run directory {run_dir}"
+    if problem:
+        raise RecipeError(f"stage {name!r}: {problem}")
+    return folder
 
 
 @dataclass
@@ -30,14 +43,14 @@ class StageContext:
 
     @property
     def stage_dir(self) -> Path:
-        return self.run_dir / self.name
+        return stage_folder(self.run_dir, self.name)
 
     @property
     def model_dir(self) -> Path:
         return self.stage_dir / "model"
 
     def parent_model_dir(self, parent: str) -> Path:
-        return self.run_dir / parent / "model"
+        return stage_folder(self.run_dir, parent) / "model"
 
     @property
     def seed(self) -> int:

@@ -234,6 +234,10 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
     finally:
         progress.close()
 
+    if bad_in_row:  # the same on every rank: the weights after a skipped step are not trusted
+        raise TrainingError(f"stage '{ctx.name}': its last {bad_in_row} optimizer step(s) had a non-finite loss or "
+                            f"gradient and were skipped, so it is not marked done; lower stages.{ctx.name}.train.lr "
+                            f"or check the data. Checkpoints made so far are kept")
     full = engine.export_model()
     final: dict[str, Any] = {}
     if main:
@@ -254,6 +258,9 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
             "train_seconds": round(time.perf_counter() - t_start, 2),
             **{k: v for k, v in final_eval.items() if k.startswith("exact_match/")},
         }
+        if not math.isfinite(final["loss"]):
+            raise TrainingError(f"stage '{ctx.name}': its final loss is {final['loss']}; lower "
+                                f"stages.{ctx.name}.train.lr or check the data")
         write_artifact(ctx.model_dir, full, tokenizer, artifact_meta(ctx, final))
     engine.barrier()
     return final
