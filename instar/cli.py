@@ -30,11 +30,12 @@ def _results_table(results) -> None:
 
 
 def cmd_validate(args) -> int:
-    from instar.config.load import load_recipe
+    from instar.config.load import check_model, load_recipe
     from instar.graph.dag import StageGraph
 
     loaded = load_recipe(args.recipe, args.overrides)
     graph = StageGraph(loaded.recipe)
+    check_model(loaded)
     print(f"{args.recipe}: valid ({len(graph.stages)} stages: {' -> '.join(graph.topo_order())})")
     return 0
 
@@ -42,11 +43,12 @@ def cmd_validate(args) -> int:
 def cmd_plan(args) -> int:
     from rich.table import Table
 
-    from instar.config.load import load_recipe
+    from instar.config.load import check_model, load_recipe
     from instar.console import console
     from instar.graph.plan import make_plan
 
     loaded = load_recipe(args.recipe, args.overrides)
+    check_model(loaded)
     table = Table(title=f"plan for {loaded.run_dir}", title_justify="left")
     for col in ("stage", "kind", "parents", "fingerprint", "state"):
         table.add_column(col)
@@ -107,7 +109,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from instar.config.load import load_recipe
+    from instar.config.load import check_model, load_recipe
 
     if args.executor == "local":  # the stages run here, one after another: that is `instar run`
         return cmd_run(argparse.Namespace(**vars(args), node_rank=0))
@@ -119,6 +121,7 @@ def cmd_submit(args) -> int:
                         sbatch_lines=args.sbatch, container_image=args.container_image,
                         signal_seconds=args.signal_seconds)
     loaded = load_recipe(args.recipe, args.overrides)
+    check_model(loaded)
     results = submit_recipe(loaded, opts, dry_run=args.dry_run, quiet=args.quiet)
     if not args.dry_run and not args.quiet:
         counts = {a: sum(r.action == a for r in results) for a in ("submitted", "queued", "done")}

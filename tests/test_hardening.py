@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from instar.cli import main
-from instar.config.load import load_recipe
+from instar.config.load import check_model, load_recipe
 from instar.data.jsonl import write_rows
 from instar.data.tokenizer import load_tokenizer
 from instar.errors import RecipeError, TrainingError
@@ -80,7 +80,7 @@ def test_model_config_typo_names_key_and_closest(tmp_path: Path):
     path = write_recipe(tmp_path, recipe)
     with pytest.raises(RecipeError, match=r"recipe.yaml:\d+: model.config.hidden_sise: not a field of LlamaConfig, "
                                           r"which ignores it; did you mean 'hidden_size'\?") as err:
-        load_recipe(path)
+        check_model(load_recipe(path))
     assert "rope_theta" not in str(err.value)
 
 
@@ -89,7 +89,9 @@ def test_seq_len_is_bounded_by_the_models_positions(tmp_path: Path, seq_len):
     recipe = tiny_recipe()
     recipe["stages"]["sft"]["train"]["seq_len"] = seq_len
     with pytest.raises(RecipeError, match=r"stages\.sft\.train\.seq_len"):
-        load_recipe(write_recipe(tmp_path, recipe))
+        check_model(load_recipe(write_recipe(tmp_path, recipe)))
+    assert main(["run", "--quiet", str(write_recipe(tmp_path, recipe))]) == 2  # before any stage trains
+    assert not (tmp_path / "runs" / "t" / "pretrain").exists()  # (the plan wrote the generated data only)
 
 
 def test_seq_len_is_bounded_by_a_model_folders_positions(tmp_path: Path):
@@ -99,7 +101,20 @@ def test_seq_len_is_bounded_by_a_model_folders_positions(tmp_path: Path):
     recipe["model"] = {"path": "base", "tokenizer": "instar-char"}
     with pytest.raises(RecipeError, match=r"stages\.pretrain\.train\.seq_len: 64 is more than the model's "
                                           r"max_position_embeddings \(32\); lower seq_len or use a longer model"):
-        load_recipe(write_recipe(tmp_path, recipe))
+        check_model(load_recipe(write_recipe(tmp_path, recipe)))
+
+
+def test_a_cached_run_imports_no_torch(tmp_path: Path):
+    """The model check imports HF's config classes (and torch): only when a stage will run."""
+    recipe = tiny_recipe()
+    recipe["stages"] = {"pretrain": {**recipe["stages"]["pretrain"], "train": {"steps": 1}}}
+    recipe["defaults"]["eval"] = {}
+    path = write_recipe(tmp_path, recipe)
+    assert main(["run", "--quiet", str(path)]) == 0
+    probe = ("import sys; from instar.cli import main; code = main(['run', '--quiet', sys.argv[1]]); "
+             "sys.exit(code or 3 * ('torch' in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr or "torch was imported"
 
 
 def test_alias_bomb_is_refused_quickly(tmp_path: Path):

@@ -25,6 +25,7 @@ class LoadedRecipe:
     path: Path
     raw: dict[str, Any]
     overrides: list[str] = field(default_factory=list)
+    lines: dict[tuple, int] = field(default_factory=dict)  # key path -> line in `path`, for messages
 
     @property
     def base_dir(self) -> Path:
@@ -137,18 +138,21 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _where(path: Path, lines: dict[tuple, int], overridden: set[tuple], loc: tuple) -> str:
+    """`file:line` of the deepest part of `loc` the recipe has, or the override that set it."""
+    for depth in range(len(loc), 0, -1):
+        if tuple(str(p) for p in loc[:depth]) in {tuple(str(q) for q in o) for o in overridden}:
+            return f"command-line override {'.'.join(str(p) for p in loc[:depth])}"
+        if loc[:depth] in lines:
+            return f"{path}:{lines[loc[:depth]]}"
+    return str(path)
+
+
 def _format_error(err: dict, prefix: tuple, model: type[BaseModel], path: Path,
                   lines: dict[tuple, int], overridden: set[tuple]) -> str:
     loc = prefix + tuple(err["loc"])
     dotted = ".".join(str(p) for p in loc)
-    where = str(path)
-    for depth in range(len(loc), 0, -1):
-        if tuple(str(p) for p in loc[:depth]) in {tuple(str(q) for q in o) for o in overridden}:
-            where = f"command-line override {'.'.join(str(p) for p in loc[:depth])}"
-            break
-        if loc[:depth] in lines:
-            where = f"{path}:{lines[loc[:depth]]}"
-            break
+    where = _where(path, lines, overridden, loc)
     if err["type"] == "extra_forbidden":
         valid = _valid_keys(model, tuple(err["loc"][:-1]))
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
@@ -225,16 +229,28 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
     if errors:
         raise RecipeError("invalid recipe:\n  " + "\n  ".join(errors))
     recipe = Recipe(run=parsed["run"], model=parsed["model"], defaults=parsed["defaults"], stages=stages)
-    loaded = LoadedRecipe(recipe=recipe, path=path.resolve(), raw=raw, overrides=overrides)
-    errors = _model_errors(loaded, lines)
+    if recipe.model.config is not None:
+        from instar.config.model_check import non_finite_keys
+
+        bad = non_finite_keys(recipe.model.config)
+        if bad:
+            raise RecipeError("invalid recipe:\n  " + "\n  ".join(
+                f"{_where(path, lines, overridden, ('model', 'config', key))}: model.config.{key}: "
+                f"{recipe.model.config[key]!r} holds a non-finite number; give a finite one" for key in bad))
+    return LoadedRecipe(recipe=recipe, path=path.resolve(), raw=raw, overrides=overrides, lines=lines)
+
+
+def check_model(loaded: LoadedRecipe) -> None:
+    """RecipeError for keys of `model.config` HF would ignore and a `seq_len` past the model's
+    positions (every stage trains the root model's architecture, so one bound holds for all).
+    Apart from `load_recipe`: HF's config classes import torch (~2 s), which a recipe whose stages
+    are all cached never needs. `validate`, `plan`, `submit` and a run with a pending stage call it."""
+    errors = _model_errors(loaded, loaded.lines)
     if errors:
         raise RecipeError("invalid recipe:\n  " + "\n  ".join(errors))
-    return loaded
 
 
 def _model_errors(loaded: LoadedRecipe, lines: dict[tuple, int]) -> list[str]:
-    """Keys of `model.config` HF would ignore, and a `seq_len` past the model's positions (every
-    stage trains the root model's architecture, so one bound holds for all)."""
     from instar.config.model_check import check_model_config, model_dir_positions
     from instar.config.resolve import resolve_stage
 

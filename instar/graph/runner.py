@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from instar.config.load import LoadedRecipe
+from instar.config.load import LoadedRecipe, check_model
 from instar.console import say
 from instar.data.formats import ROW_FORMATS
 from instar.data.jsonl import read_rows
@@ -135,6 +135,8 @@ def run_recipe(loaded: LoadedRecipe, quiet: bool = False, node_rank: int = 0) ->
     """Run every pending stage in order. On node_rank > 0 (a multi-node stage's other nodes) only
     the torchrun stages are joined; node 0 owns the run directory's state."""
     plan = make_plan(loaded)
+    if any(not sp.cached for sp in plan):
+        check_model(loaded)
     precheck(loaded, plan)
     pending_ranked = [sp for sp in plan if not sp.cached and sp.spec.distributed.engine == "deepspeed"]
     if pending_ranked:
