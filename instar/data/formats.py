@@ -74,9 +74,37 @@ class PromptAnswerRow(_Row):
     answer: str
 
 
+class UnpairedPreferenceRow(_Row):
+    """Unpaired feedback (KTO): `{"prompt": ..., "completion": "46", "label": true}` — a completion
+    that is desirable (true) or not. A preference pair `{"prompt", "chosen", "rejected"}` is also
+    accepted and counts as two rows (chosen desirable, rejected not), as TRL unpairs it."""
+
+    prompt: str | list[Message]
+    completion: str | None = None
+    label: bool | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> "UnpairedPreferenceRow":
+        unpaired = self.completion is not None or self.label is not None
+        paired = self.chosen is not None or self.rejected is not None
+        if unpaired == paired or (unpaired and (self.completion is None or self.label is None)) or (
+                paired and (self.chosen is None or self.rejected is None)):
+            raise ValueError("give `completion` and `label` (unpaired feedback), or `chosen` and `rejected` "
+                             "(a pair), not a mix")
+        for text in (self.completion, self.chosen, self.rejected):
+            if text is not None and not text.strip():
+                raise ValueError("empty completion")
+        if isinstance(self.prompt, list) and (not self.prompt or self.prompt[-1].role != "user"):
+            raise ValueError("a conversational prompt must end with a user turn")
+        return self
+
+
 ROW_FORMATS: dict[str, type[_Row]] = {
     "text": TextRow,
     "messages": ChatRow,
     "prompt_answer": PromptAnswerRow,
     "preference": PreferenceRow,
+    "unpaired_preference": UnpairedPreferenceRow,
 }

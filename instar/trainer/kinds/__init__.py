@@ -16,6 +16,7 @@ _REGISTRY: dict[str, str] = {
     "cpt": "instar.trainer.kinds.cpt:CptKind",
     "sft": "instar.trainer.kinds.sft:SftKind",
     "dpo": "instar.trainer.kinds.dpo:DpoKind",
+    "kto": "instar.trainer.kinds.kto:KtoKind",
     "grpo": "instar.trainer.kinds.grpo:GrpoKind",
     "merge": "instar.trainer.kinds.merge:MergeKind",
 }
