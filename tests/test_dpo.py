@@ -167,6 +167,21 @@ def test_cached_reference_log_probs_equal_on_the_fly(tmp_path: Path):
         assert a["rewards/margin"] == pytest.approx(b["rewards/margin"], rel=1e-4, abs=1e-6)
 
 
+def test_reference_is_held_in_the_compute_precision(tmp_path: Path, capsys):
+    """precision bf16 (fp32 masters + autocast): the frozen reference is a bf16 copy (half the bytes
+    of the fp32 weights), and the step-0 loss stays within the ln 2 check's 1e-3."""
+    from safetensors.torch import load_file
+
+    recipe = _dpo_recipe()
+    recipe["stages"]["dpo"].update(nll_coef=0.0, precision="bf16", train={"steps": 1})
+    run_recipe(load_recipe(write_recipe(tmp_path, recipe)), quiet=False)
+    record = json.loads((tmp_path / "runs/t/dpo/reference.json").read_text())
+    weights = load_file(str(tmp_path / "runs/t/sft/model/model.safetensors"))
+    assert record["dtype"] == "bfloat16" and record["zero_stage"] is None
+    assert record["bytes_per_rank"] == [2 * sum(w.numel() for w in weights.values())]
+    assert "not ln 2" not in capsys.readouterr().out
+
+
 def test_a_reference_cache_of_the_wrong_shape_is_a_user_error(tmp_path: Path, capsys):
     """A cache file changed by hand (its key still matches): exit 2, naming the file and the fix."""
     recipe = _dpo_recipe()
