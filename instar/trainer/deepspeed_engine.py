@@ -20,7 +20,7 @@ from instar.trainer.deepspeed_config import deepspeed_config
 from instar.errors import RecipeError
 from instar.trainer.engine import Engine
 from instar.trainer.collage_optim import CollageAdamW, descent_metrics, state_bytes
-from instar.trainer.optim import build_optimizer, param_dtype, param_groups
+from instar.trainer.optim import AUTOCAST, build_optimizer, param_dtype, param_groups
 
 TAG = "state"  # one DeepSpeed tag per instar checkpoint folder
 
@@ -34,6 +34,30 @@ def init_distributed() -> None:
         if torch.cuda.is_available():  # before init: NCCL then knows this rank's GPU instead of guessing
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         deepspeed.init_distributed(dist_backend=backend)
+
+
+@contextlib.contextmanager
+def _overflow_verdict(zero_optimizer, zero_stage: int):
+    """For one `step`, make the ZeRO 1-3 optimizer judge the gradients non-finite: it then takes
+    its own overflow path (gradients and partitions cleared, no update, the engine counts the step
+    as skipped and keeps its micro-step count), so a step the caller refused (a non-finite loss)
+    is skipped as at stage 0. Every rank must enter it: the verdict replaces an all-reduce."""
+    def forced(update_scale=True):  # stage 3: the check `step` starts with
+        zero_optimizer.overflow = True
+        return zero_optimizer._loss_scale_update_and_overflow_cleanup() if update_scale else True
+
+    if zero_stage == 3:
+        patches = {"_overflow_check_and_loss_scale_update": forced}
+    else:  # stages 1-2 check overflow only where check_grad_overflow is on (fp16, or asked for)
+        patches = {"check_grad_overflow": True, "has_overflow": lambda partition_gradients=True: True}
+    saved = {name: zero_optimizer.__dict__[name] for name in patches if name in zero_optimizer.__dict__}
+    zero_optimizer.__dict__.update(patches)
+    try:
+        yield
+    finally:
+        for name in patches:
+            del zero_optimizer.__dict__[name]
+        zero_optimizer.__dict__.update(saved)
 
 
 class DeepSpeedEngine(Engine):
@@ -68,10 +92,10 @@ class DeepSpeedEngine(Engine):
         assert self.world_size == layout.world_size, (self.world_size, layout.world_size)
 
     def autocast(self):
-        if self.precision == "fp8":  # as the single engine: FP8 linears, everything else under bf16 autocast
+        if self.precision in AUTOCAST:  # as the single engine: fp32 weights, the forward under bf16 autocast
             # (DeepSpeed's forward keeps it on only because the config's torch_autocast section is on)
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()  # DeepSpeed casts the module itself for bf16
+        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed averages gradients over ranks: scale by world size so they sum instead.
@@ -87,9 +111,10 @@ class DeepSpeedEngine(Engine):
             group["lr"] = lr
         if self.zero_stage == 0:
             self._client_optimizer.skip_next = not allow
-        self.ds.step()
-        if self.zero_stage == 0:
+            self.ds.step()
             return self._client_optimizer.last_grad_norm, self._client_optimizer.last_applied
+        with contextlib.nullcontext() if allow else _overflow_verdict(self.ds.optimizer, self.zero_stage):
+            self.ds.step()
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan"), bool(self.ds.was_step_applied())
 

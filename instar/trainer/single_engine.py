@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from instar.trainer.engine import Engine, resolve_device
 from instar.trainer.collage_optim import CollageAdamW, descent_metrics, state_bytes
-from instar.trainer.optim import build_optimizer, param_dtype, param_groups
+from instar.trainer.optim import AUTOCAST, build_optimizer, param_dtype, param_groups
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -46,7 +46,7 @@ class SingleEngine(Engine):
                                          spec.optimizer, guarded=True, max_grad_norm=spec.train.max_grad_norm)
 
     def autocast(self):
-        if self.precision in ("bf16", "fp8"):  # fp8: FP8 linears, everything else in bf16
+        if self.precision in AUTOCAST:  # fp8: FP8 linears, everything else in bf16
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
