@@ -140,6 +140,56 @@ def test_bf16_and_refused_steps_mean_the_same_on_both_engines(tmp_path: Path, ze
     assert want.keys() == got.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], atol=2e-5, rtol=1e-4)
+    _check_checkpoint(tmp_path / "ckpt", got, zero)
+
+
+class Payload:
+    """Unpickling it runs code: it touches a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def _check_checkpoint(ckpt: Path, final: dict[str, torch.Tensor], zero: int) -> None:
+    """The checkpoint the ranks wrote (and loaded back) consolidates to their final weights; once a
+    file of it holds a pickled object, it is refused before anything unpickles it."""
+    from instar.errors import ContractError
+    from instar.trainer.deepspeed_engine import TAG, DeepSpeedEngine
+    from instar.trainer.single_engine import load_weights
+
+    model = _model()
+    load_weights(model, DeepSpeedEngine.consolidated_weights(ckpt), "the test's checkpoint")
+    state = model.state_dict()
+    assert all(torch.equal(state[key], value) for key, value in final.items())
+
+    file = ckpt / TAG / ("mp_rank_00_model_states.pt" if zero == 0 else "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    content = torch.load(file, weights_only=False)  # written by this test's ranks
+    marker = ckpt / "unpickled"
+    torch.save({**content, "payload": Payload(marker)}, file)
+    with pytest.raises(ContractError, match=rf"{file.name} holds more than .*Unsupported global"):
+        DeepSpeedEngine.consolidated_weights(ckpt)
+    assert not marker.exists()
+
+
+def test_load_weights_is_strict_but_takes_a_tied_tensor_under_one_name():
+    from instar.errors import ContractError
+    from instar.trainer.single_engine import load_weights, tied_groups
+
+    source, target = _model(), _model()
+    assert tied_groups(target) == [["model.embed_tokens.weight", "lm_head.weight"]]
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)
+    weights = {k: v for k, v in source.state_dict().items() if k != "model.embed_tokens.weight"}
+    load_weights(target, weights, "x")  # the tied head alone fills the embedding too
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in target.state_dict().items())
+    with pytest.raises(ContractError, match=r"src does not fit LlamaForCausalLM: missing keys \['model.norm.weight'\]"):
+        load_weights(target, {k: v for k, v in weights.items() if k != "model.norm.weight"}, "src")
+    with pytest.raises(ContractError, match=r"unexpected keys \['extra'\]"):
+        load_weights(target, {**weights, "extra": torch.zeros(1)}, "src")
 
 
 if __name__ == "__main__":  # one rank of the ZeRO run, started by torchrun
@@ -148,8 +198,13 @@ if __name__ == "__main__":  # one rank of the ZeRO run, started by torchrun
     spec = _spec(Path(sys.argv[1]))
     engine = DeepSpeedEngine(_model(), spec, batch_layout(spec.train, 2), "pretrain")
     found = _play(engine, Path(sys.argv[2]))
+    ckpt = Path(sys.argv[2]).parent / "ckpt"
     if engine.rank == 0:
         Path(sys.argv[3]).write_text(json.dumps(found))
+        ckpt.mkdir()
     engine.barrier()
+    engine.save(ckpt)
+    engine.barrier()
+    engine.load(ckpt)  # what a resume reads passes the pickle check
     sys.stdout.flush()
     os._exit(0)  # as instar's worker: skips the exit-time teardown where ZeRO ranks on CPU sometimes abort

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -17,9 +18,10 @@ import torch.distributed as dist
 
 from instar.trainer.batch import BatchLayout
 from instar.trainer.deepspeed_config import deepspeed_config
-from instar.errors import RecipeError
+from instar.errors import ContractError, RecipeError
 from instar.trainer.engine import Engine
 from instar.trainer.collage_optim import CollageAdamW, descent_metrics, state_bytes
+from instar.trainer.single_engine import load_weights
 from instar.trainer.optim import AUTOCAST, build_optimizer, param_dtype, param_groups
 
 TAG = "state"  # one DeepSpeed tag per instar checkpoint folder
@@ -58,6 +60,27 @@ def _overflow_verdict(zero_optimizer, zero_stage: int):
         for name in patches:
             del zero_optimizer.__dict__[name]
         zero_optimizer.__dict__.update(saved)
+
+
+def _check_pickles(ckpt_dir: Path) -> None:
+    """Unpickle each file of a checkpoint with torch's weights_only loader (tensors memory-mapped,
+    not read) before DeepSpeed reads it: DeepSpeed's own loaders (TorchCheckpointEngine.load behind
+    load_checkpoint, and zero_to_fp32) pass weights_only=False, so this refuses a checkpoint holding
+    anything besides tensors, plain containers and the DeepSpeed classes its ZeRO files hold."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    for file in sorted((ckpt_dir / TAG).glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as err:
+            lines = str(err).strip().splitlines()  # torch's advice first, then the line naming the global
+            reason = next((line.strip() for line in lines if "Unpickler error" in line), lines[0]).split(". Please")[0]
+            raise ContractError(f"{file} holds more than a DeepSpeed checkpoint's tensors and settings ({reason}), "
+                                f"so instar does not unpickle it; delete {ckpt_dir} to resume from an earlier "
+                                f"checkpoint (or start the stage over)") from None
 
 
 class DeepSpeedEngine(Engine):
@@ -140,6 +163,7 @@ class DeepSpeedEngine(Engine):
         self.ds.save_checkpoint(str(ckpt_dir), tag=TAG, save_latest=False)
 
     def load(self, ckpt_dir: Path) -> None:
+        _check_pickles(ckpt_dir)
         path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
         assert path is not None, f"DeepSpeed found no checkpoint in {ckpt_dir}"
@@ -149,9 +173,10 @@ class DeepSpeedEngine(Engine):
         """Full fp32 weights from a checkpoint of any world size (for resuming on another one)."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        _check_pickles(ckpt_dir)
         model_states = ckpt_dir / TAG / "mp_rank_00_model_states.pt"
         if not list((ckpt_dir / TAG).glob("*optim_states.pt")):  # ZeRO-0 keeps whole weights
-            return torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+            return torch.load(model_states, map_location="cpu", weights_only=True)["module"]
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=TAG)
 
     @contextlib.contextmanager
@@ -203,8 +228,6 @@ class DeepSpeedEngine(Engine):
         state = self.ds._zero3_consolidated_16bit_state_dict()
         if self.rank != 0:
             return None
-        full = type(module)(module.config)
-        full.load_state_dict(state, strict=False)
-        if getattr(module.config, "tie_word_embeddings", False):
-            full.tie_weights()
+        full = type(module)(module.config)  # tied as the config says, so the gather's one copy fills both
+        load_weights(full, state, "DeepSpeed's gathered ZeRO-3 weights")
         return full.to(torch.float32) if module.dtype != torch.bfloat16 else full
