@@ -115,17 +115,27 @@ def _play(engine, out: Path) -> dict:
     return found
 
 
+def _play_single(path: Path, out: Path) -> dict:
+    from instar.trainer.single_engine import SingleEngine
+
+    found = _play(SingleEngine(_model(), _spec(path), "pretrain"), out)
+    assert found["dtypes"]["Linear"] == "torch.bfloat16"  # q/k/v/o, MLP and LM head: under bf16 autocast
+    assert found["weight_dtype"] == "torch.float32" and found["refused_step_kept_state"]
+    assert found["applied"] == ALLOW
+    return found
+
+
+def test_bf16_on_one_process_is_an_autocast_forward_over_fp32_weights(tmp_path: Path):
+    _play_single(write_recipe(tmp_path, _recipe(2)), tmp_path / "one.safetensors")
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_bf16_and_refused_steps_mean_the_same_on_both_engines(tmp_path: Path, zero: int):
-    from instar.trainer.single_engine import SingleEngine
     from tests.test_fp8_zero import _torchrun
 
     path = write_recipe(tmp_path, _recipe(zero))
-    single = _play(SingleEngine(_model(), _spec(path), "pretrain"), tmp_path / "one.safetensors")
-    assert single["dtypes"]["Linear"] == "torch.bfloat16"  # under bf16 autocast
-    assert single["weight_dtype"] == "torch.float32" and single["refused_step_kept_state"]
-    assert single["applied"] == ALLOW
+    single = _play_single(path, tmp_path / "one.safetensors")
 
     _torchrun(["-m", "tests.test_engine_semantics", str(path), str(tmp_path / "two.safetensors"),
                str(tmp_path / "two.json")], REPO)
