@@ -61,8 +61,8 @@ RATIOS = [("instar_pretrain", "plain", 0.95), ("instar_pretrain", "hf_trainer", 
           ("instar_dpo", "trl_dpo", 1.3), ("instar_dpo", "trl_dpo_cached", 1.0), ("instar_grpo", "trl_grpo", 1.5),
           ("instar_zero2", "deepspeed_zero2", 0.95)]
 UNITS = {"plain": "tokens", "hf_trainer": "tokens", "instar_pretrain": "tokens", "trl_sft": "tokens",
-         "instar_sft": "tokens", "trl_dpo": "pairs", "trl_dpo_cached": "pairs", "instar_dpo": "pairs", "trl_grpo": "prompts",
-         "instar_grpo": "prompts", "deepspeed_zero2": "tokens", "instar_zero2": "tokens"}
+         "instar_sft": "tokens", "trl_dpo": "pairs", "trl_dpo_cached": "pairs", "instar_dpo": "pairs",
+         "trl_grpo": "prompts", "instar_grpo": "prompts", "deepspeed_zero2": "tokens", "instar_zero2": "tokens"}
 
 
 # ---------------------------------------------------------------- data (the same files for everyone)

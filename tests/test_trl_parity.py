@@ -131,8 +131,8 @@ def test_dpo_pair_logps_equal_trl_end_to_end(tmp_path, pairs_per_row):
     ctx = SimpleNamespace(spec=SimpleNamespace(train=SimpleNamespace(seq_len=128), negatives=None,
                                                data=SimpleNamespace(on_bad_row="error")),
                           rank=0, name="dpo", quiet=True)
-    ours = [{"prompt": row["prompt"], **{k: row[k][0]["content"] for k in ("chosen", "rejected")}}  # instar's row format
-            for row in PREFERENCE_ROWS]
+    ours = [{"prompt": row["prompt"], **{k: row[k][0]["content"] for k in ("chosen", "rejected")}}
+            for row in PREFERENCE_ROWS]  # instar's row format: the answers as strings
     (examples,), _ = DpoKind(ctx).build_sources(TOK, [ours])
     rows = [examples[i:i + pairs_per_row] for i in range(0, len(examples), pairs_per_row)]
     batch = collate_rows(rows, TOK.pad_token_id, max(sum(len(ex.input_ids) for ex in row) for row in rows))

@@ -50,7 +50,7 @@ def _overflow_verdict(zero_optimizer, zero_stage: int):
 
     if zero_stage == 3:
         patches = {"_overflow_check_and_loss_scale_update": forced}
-    else:  # stages 1-2 check overflow only where check_grad_overflow is on (fp16, or asked for)
+    else:  # stages 1-2 run their overflow check only where check_grad_overflow is on (off in fp32)
         patches = {"check_grad_overflow": True, "has_overflow": lambda partition_gradients=True: True}
     saved = {name: zero_optimizer.__dict__[name] for name in patches if name in zero_optimizer.__dict__}
     zero_optimizer.__dict__.update(patches)
