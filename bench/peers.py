@@ -7,7 +7,9 @@ and writes its section of bench/RESULTS.md.
 Contenders (each run is a fresh process; instar always through `instar run` on a generated recipe):
 - pretraining, tokens/s: a hand-written PyTorch loop, HF `Trainer`, instar `pretrain`;
 - SFT, tokens/s: TRL `SFTTrainer` (assistant_only_loss) vs instar `sft`;
-- DPO, pairs/s: TRL `DPOTrainer` (sigmoid, live reference model) vs instar `dpo`;
+- DPO, pairs/s: TRL `DPOTrainer` (sigmoid) with its default live reference model, and with
+  `precompute_ref_log_probs=True` (its reference pass runs once, before training, as instar caches
+  the reference's log-probs by default, in its warm-up step), vs instar `dpo`;
 - GRPO, prompts/s: TRL `GRPOTrainer` (no vLLM: HF generate) vs instar `grpo`;
 - ZeRO-2 on 2 CPU ranks, tokens/s: the hand-written DeepSpeed loop vs instar (bench/zero.py's runs).
 
@@ -56,10 +58,11 @@ ENV = {**zero.ENV, "OMP_NUM_THREADS": os.environ.get("BENCH_THREADS", "1")}
 ALPHABET = "abcdefghijklmnopqrstuvwxyz     "
 # (instar contender, the peer it is compared with, target ratio of their units/s)
 RATIOS = [("instar_pretrain", "plain", 0.95), ("instar_pretrain", "hf_trainer", 1.0), ("instar_sft", "trl_sft", 1.2),
-          ("instar_dpo", "trl_dpo", 1.3), ("instar_grpo", "trl_grpo", 1.5), ("instar_zero2", "deepspeed_zero2", 0.95)]
+          ("instar_dpo", "trl_dpo", 1.3), ("instar_dpo", "trl_dpo_cached", 1.0), ("instar_grpo", "trl_grpo", 1.5),
+          ("instar_zero2", "deepspeed_zero2", 0.95)]
 UNITS = {"plain": "tokens", "hf_trainer": "tokens", "instar_pretrain": "tokens", "trl_sft": "tokens",
-         "instar_sft": "tokens", "trl_dpo": "pairs", "instar_dpo": "pairs", "trl_grpo": "prompts",
-         "instar_grpo": "prompts", "deepspeed_zero2": "tokens", "instar_zero2": "tokens"}
+         "instar_sft": "tokens", "trl_dpo": "pairs", "trl_dpo_cached": "pairs", "instar_dpo": "pairs",
+         "trl_grpo": "prompts", "instar_grpo": "prompts", "deepspeed_zero2": "tokens", "instar_zero2": "tokens"}
 
 
 # ---------------------------------------------------------------- data (the same files for everyone)
@@ -201,7 +204,8 @@ def run_trl_sft(work: Path, warmup: int, steps: int) -> None:
     _report("trl_sft", timer.times, warmup, MICRO * SEQ, MICRO * SEQ)
 
 
-def run_trl_dpo(work: Path, warmup: int, steps: int) -> None:
+def run_trl_dpo(work: Path, warmup: int, steps: int, cached: bool = False) -> None:
+    """TRL's DPOTrainer; `cached`: reference log-probs precomputed once before training (not timed)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -211,13 +215,13 @@ def run_trl_dpo(work: Path, warmup: int, steps: int) -> None:
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in read_jsonl(work / "prefs.jsonl")]
     timer = _step_timer()
     args = DPOConfig(**_hf_args(work, warmup, steps, POST_LR), beta=0.1, loss_type=["sigmoid"], max_length=None,
-                     precompute_ref_log_probs=False)
+                     precompute_ref_log_probs=cached)
     trainer = DPOTrainer(model=base, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          callbacks=[timer])
     row = trainer.train_dataset[0]
     assert len(row["prompt_ids"]) + len(row["chosen_ids"]) == SEQ // 2, "a DPO side must be SEQ/2 tokens"
     trainer.train()
-    _report("trl_dpo", timer.times, warmup, MICRO, MICRO * SEQ)
+    _report("trl_dpo_cached" if cached else "trl_dpo", timer.times, warmup, MICRO, MICRO * SEQ)
 
 
 def run_trl_grpo(work: Path, warmup: int, steps: int) -> None:
@@ -243,6 +247,7 @@ def run_trl_grpo(work: Path, warmup: int, steps: int) -> None:
 
 
 PEERS = {"plain": run_plain, "hf_trainer": run_hf_trainer, "trl_sft": run_trl_sft, "trl_dpo": run_trl_dpo,
+         "trl_dpo_cached": lambda work, warmup, steps: run_trl_dpo(work, warmup, steps, cached=True),
          "trl_grpo": run_trl_grpo}
 
 

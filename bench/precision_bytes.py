@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 PRECISIONS = ["fp32", "bf16", "bf16-pure", "collage-light", "collage-plus"]
-MEANING = {"fp32": "fp32 weights, AdamW", "bf16": "fp32 master weights + bf16 autocast, AdamW",
+MEANING = {"fp32": "fp32 weights, AdamW", "bf16": "fp32 weights + bf16 autocast, AdamW",
            "bf16-pure": "bf16 weights + AdamW, no masters", "collage-light": "bf16 weights + Collage (lo)",
            "collage-plus": "bf16 weights + Collage (lo, v as two bf16)"}
 ZERO_STAGES = (1, 2, 3)

@@ -235,12 +235,20 @@ def test_a_rank_that_raises_is_named_with_its_log(tmp_path: Path):
     assert not (tmp_path / "runs" / "t" / "pretrain" / "model").exists()
 
 
-def test_bf16_on_zero2(tmp_path: Path, single_reference: Path):
-    path = write_recipe(tmp_path, _recipe(steps=4))
-    _run(["run", str(path), "--quiet", "defaults.precision=bf16"], tmp_path)
-    losses = _losses(tmp_path / "runs" / "t")
-    assert losses[0] == pytest.approx(_losses(single_reference)[0], rel=2e-2)  # bf16 forward, same data
-    assert all(torch.isfinite(t).all() for t in _weights(tmp_path / "runs" / "t", "sft").values())
+def test_bf16_on_zero2(tmp_path: Path):
+    """bf16 means fp32 weights and a bf16-autocast forward on both engines (not DeepSpeed's bf16
+    module with fp32 masters): the same micro-batches give one process's losses."""
+    recipe = _recipe(steps=4, global_batch_size=8)
+    recipe["stages"]["sft"]["train"]["global_batch_size"] = 8
+    path = write_recipe(tmp_path, recipe)
+    _run(["run", str(path), "--quiet", "defaults.precision=bf16", "run.name=one", "defaults.distributed.engine=single",
+          "defaults.distributed.nproc_per_node=1"], tmp_path)
+    _run(["run", str(path), "--quiet", "defaults.precision=bf16", "run.name=two"], tmp_path)
+    one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
+    for stage in ("pretrain", "sft"):
+        # 1e-4: bf16 rounds the fp32 weights, which differ in the last bits (reduction order); the
+        # weights are not compared, Adam turns such noise on near-zero gradients into steps of ~lr.
+        assert _losses(two, stage) == pytest.approx(_losses(one, stage), rel=1e-4)
 
 
 @pytest.mark.parametrize("zero", [2, 3])

@@ -101,6 +101,47 @@ def test_dpo_losses_equal_trl(tmp_path, loss, beta, label_smoothing):
         assert hinge_sides == {True, False}, "the random reference should put pairs on both sides of the hinge"
 
 
+@pytest.mark.parametrize("pairs_per_row", [1, 3])
+def test_dpo_pair_logps_equal_trl_end_to_end(tmp_path, pairs_per_row):
+    """Tokenization, layout and log-probs together: instar's summed completion log-probs per pair
+    (the DPO kind's own examples, collated into rows of `pairs_per_row` packed pairs, through
+    forward_logits and segment_logps) equal TRL's per-pair sums (DPOTrainer.compute_ref_log_probs,
+    the computation its loss makes for the policy) for its own collated [chosen; rejected] batch
+    of the same rows, on the same model."""
+    from instar.data.packing import collate_rows
+    from instar.trainer.kinds.dpo import DpoKind, segment_logps
+    from instar.trainer.losses import forward_logits
+
+    model = tiny_llama().eval()
+    args = DPOConfig(**common_args(tmp_path), precompute_ref_log_probs=True,  # else it loads a reference by name
+                     per_device_train_batch_size=len(PREFERENCE_ROWS))
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(PREFERENCE_ROWS),
+                         processing_class=TOK)
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+    inputs = trainer.data_collator([{k: row[k] for k in keys} for row in trainer.train_dataset])
+    # TRL's completion runs to the end of the chat template, one "\n" past EOS; instar's loss ends at
+    # EOS. Everything up to EOS must agree, so TRL's own sum is taken over that part.
+    mask = inputs["completion_mask"]
+    past_eos = (inputs["input_ids"] == TOK.eos_token_id).int().cumsum(-1).roll(1, -1).clamp(max=1).bool() & mask.bool()
+    past_eos[:, 0] = False
+    assert {TOK.decode(ids[m]) for ids, m in zip(inputs["input_ids"], past_eos)} == {"\n"}
+    inputs["completion_mask"] = mask.masked_fill(past_eos, 0)
+    trl_chosen, trl_rejected = trainer.compute_ref_log_probs(trainer.model, inputs)
+
+    ctx = SimpleNamespace(spec=SimpleNamespace(train=SimpleNamespace(seq_len=128), negatives=None,
+                                               data=SimpleNamespace(on_bad_row="error")),
+                          rank=0, name="dpo", quiet=True)
+    ours = [{"prompt": row["prompt"], **{k: row[k][0]["content"] for k in ("chosen", "rejected")}}
+            for row in PREFERENCE_ROWS]  # instar's row format: the answers as strings
+    (examples,), _ = DpoKind(ctx).build_sources(TOK, [ours])
+    rows = [examples[i:i + pairs_per_row] for i in range(0, len(examples), pairs_per_row)]
+    batch = collate_rows(rows, TOK.pad_token_id, max(sum(len(ex.input_ids) for ex in row) for row in rows))
+    with torch.no_grad():
+        chosen, rejected, _, _ = segment_logps(forward_logits(model, batch), batch)
+    torch.testing.assert_close(chosen.double(), trl_chosen.double(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rejected.double(), trl_rejected.double(), atol=1e-5, rtol=0)
+
+
 # --------------------------------------------------------------------------------------------- GRPO
 
 GROUP = 4

@@ -166,9 +166,9 @@ class DistributedConfig(Strict):
         return self
 
 
-# fp32: fp32 weights, optimizer and math. bf16: fp32 weights (the "master" copy) and optimizer, bf16
-# compute. bf16-pure: bf16 weights and AdamW state, no fp32 copy (updates smaller than half a bf16
-# ulp are lost). collage-light / collage-plus: bf16 weights kept exact as two bf16 parts by the
+# fp32: fp32 weights, optimizer and math. bf16: fp32 weights, gradients and optimizer, the forward
+# under bf16 autocast (on the single engine and DeepSpeed alike). bf16-pure: bf16 weights and AdamW
+# state, no fp32 copy (updates smaller than half a bf16 ulp are lost). collage-light / collage-plus: bf16 weights kept exact as two bf16 parts by the
 # Collage optimizer (plus: Adam's second moment too), no fp32 copy.
 Precision = Literal["fp32", "bf16", "bf16-pure", "fp8", "collage-light", "collage-plus"]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from instar.errors import RecipeError
 from instar.trainer.batch import BatchLayout
-from instar.trainer.optim import BF16_PARAMS
+from instar.trainer.optim import AUTOCAST, BF16_PARAMS
 
 # Top-level sections DeepSpeed reads besides the scalar keys in deepspeed.runtime.constants.
 _SECTIONS = {
@@ -44,7 +44,8 @@ def _known_zero_keys() -> set[str]:
 
 
 def _bf16_section(precision: str, zero_stage: int) -> dict[str, Any]:
-    """`bf16` keeps fp32 master weights (DeepSpeed's default bf16). bf16-pure and Collage keep none:
+    """DeepSpeed's bf16 mode is for the precisions with bf16 parameters only (`bf16` and fp8 run
+    under `torch_autocast`, see below). bf16-pure and Collage keep no fp32 copy:
     at ZeRO 1-3 both flags below make DeepSpeed hand the client optimizer this rank's flat bf16
     partition with a bf16 gradient (either flag alone asserts). Stage 0 refuses the flags
     ("only supported with ZeRO Stage 1, 2, or 3") and with bf16 enabled swaps fp32 masters into
@@ -53,12 +54,14 @@ def _bf16_section(precision: str, zero_stage: int) -> dict[str, Any]:
         if zero_stage == 0:
             return {"enabled": False}
         return {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
-    return {"enabled": precision == "bf16"}
+    return {"enabled": False}
 
 
 def _torch_autocast_section() -> dict[str, Any]:
-    """fp8 runs as on the single engine: fp32 weights and gradients, bf16 autocast around the FP8
-    linears (the engine's `autocast`). DeepSpeed's forward switches an outer autocast off unless
+    """bf16 and fp8 run as on the single engine: fp32 weights and gradients, bf16 autocast around
+    the forward (the engine's `autocast`; for fp8, around the FP8 linears). DeepSpeed's own bf16
+    mode would instead cast the module to bf16 and keep fp32 masters in the optimizer: another
+    forward, other losses. DeepSpeed's forward switches an outer autocast off unless
     this section is on; no module is named lower-precision-safe, so every gradient is reduced in
     fp32 (by default DeepSpeed would reduce nn.Linear gradients, the LM head's, in bf16)."""
     return {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
@@ -84,7 +87,7 @@ def generate(spec, layout: BatchLayout) -> dict[str, Any]:
         "gradient_clipping": float(spec.train.max_grad_norm or 0.0) if dist.zero_stage > 0 else 0.0,
         "zero_optimization": zero,
         "bf16": _bf16_section(spec.precision, dist.zero_stage),
-        **({"torch_autocast": _torch_autocast_section()} if spec.precision == "fp8" else {}),
+        **({"torch_autocast": _torch_autocast_section()} if spec.precision in AUTOCAST else {}),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

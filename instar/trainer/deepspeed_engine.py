@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -17,10 +18,11 @@ import torch.distributed as dist
 
 from instar.trainer.batch import BatchLayout
 from instar.trainer.deepspeed_config import deepspeed_config
-from instar.errors import RecipeError
+from instar.errors import ContractError, RecipeError
 from instar.trainer.engine import Engine
 from instar.trainer.collage_optim import CollageAdamW, descent_metrics, state_bytes
-from instar.trainer.optim import build_optimizer, param_dtype, param_groups
+from instar.trainer.single_engine import load_weights
+from instar.trainer.optim import AUTOCAST, build_optimizer, param_dtype, param_groups
 
 TAG = "state"  # one DeepSpeed tag per instar checkpoint folder
 
@@ -34,6 +36,51 @@ def init_distributed() -> None:
         if torch.cuda.is_available():  # before init: NCCL then knows this rank's GPU instead of guessing
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         deepspeed.init_distributed(dist_backend=backend)
+
+
+@contextlib.contextmanager
+def _overflow_verdict(zero_optimizer, zero_stage: int):
+    """For one `step`, make the ZeRO 1-3 optimizer judge the gradients non-finite: it then takes
+    its own overflow path (gradients and partitions cleared, no update, the engine counts the step
+    as skipped and keeps its micro-step count), so a step the caller refused (a non-finite loss)
+    is skipped as at stage 0. Every rank must enter it: the verdict replaces an all-reduce."""
+    def forced(update_scale=True):  # stage 3: the check `step` starts with
+        zero_optimizer.overflow = True
+        return zero_optimizer._loss_scale_update_and_overflow_cleanup() if update_scale else True
+
+    if zero_stage == 3:
+        patches = {"_overflow_check_and_loss_scale_update": forced}
+    else:  # stages 1-2 run their overflow check only where check_grad_overflow is on (off in fp32)
+        patches = {"check_grad_overflow": True, "has_overflow": lambda partition_gradients=True: True}
+    saved = {name: zero_optimizer.__dict__[name] for name in patches if name in zero_optimizer.__dict__}
+    zero_optimizer.__dict__.update(patches)
+    try:
+        yield
+    finally:
+        for name in patches:
+            del zero_optimizer.__dict__[name]
+        zero_optimizer.__dict__.update(saved)
+
+
+def _check_pickles(ckpt_dir: Path) -> None:
+    """Unpickle each file of a checkpoint with torch's weights_only loader (tensors memory-mapped,
+    not read) before DeepSpeed reads it: DeepSpeed's own loaders (TorchCheckpointEngine.load behind
+    load_checkpoint, and zero_to_fp32) pass weights_only=False, so this refuses a checkpoint holding
+    anything besides tensors, plain containers and the DeepSpeed classes its ZeRO files hold."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    for file in sorted((ckpt_dir / TAG).glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as err:
+            lines = str(err).strip().splitlines()  # torch's advice first, then the line naming the global
+            reason = next((line.strip() for line in lines if "Unpickler error" in line), lines[0]).split(". Please")[0]
+            raise ContractError(f"{file} holds more than a DeepSpeed checkpoint's tensors and settings ({reason}), "
+                                f"so instar does not unpickle it; delete {ckpt_dir} to resume from an earlier "
+                                f"checkpoint (or start the stage over)") from None
 
 
 class DeepSpeedEngine(Engine):
@@ -68,10 +115,10 @@ class DeepSpeedEngine(Engine):
         assert self.world_size == layout.world_size, (self.world_size, layout.world_size)
 
     def autocast(self):
-        if self.precision == "fp8":  # as the single engine: FP8 linears, everything else under bf16 autocast
+        if self.precision in AUTOCAST:  # as the single engine: fp32 weights, the forward under bf16 autocast
             # (DeepSpeed's forward keeps it on only because the config's torch_autocast section is on)
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()  # DeepSpeed casts the module itself for bf16
+        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed averages gradients over ranks: scale by world size so they sum instead.
@@ -87,9 +134,10 @@ class DeepSpeedEngine(Engine):
             group["lr"] = lr
         if self.zero_stage == 0:
             self._client_optimizer.skip_next = not allow
-        self.ds.step()
-        if self.zero_stage == 0:
+            self.ds.step()
             return self._client_optimizer.last_grad_norm, self._client_optimizer.last_applied
+        with contextlib.nullcontext() if allow else _overflow_verdict(self.ds.optimizer, self.zero_stage):
+            self.ds.step()
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan"), bool(self.ds.was_step_applied())
 
@@ -120,6 +168,7 @@ class DeepSpeedEngine(Engine):
         self.ds.save_checkpoint(str(ckpt_dir), tag=TAG, save_latest=False)
 
     def load(self, ckpt_dir: Path) -> None:
+        _check_pickles(ckpt_dir)
         path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
         assert path is not None, f"DeepSpeed found no checkpoint in {ckpt_dir}"
@@ -129,9 +178,10 @@ class DeepSpeedEngine(Engine):
         """Full fp32 weights from a checkpoint of any world size (for resuming on another one)."""
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        _check_pickles(ckpt_dir)
         model_states = ckpt_dir / TAG / "mp_rank_00_model_states.pt"
         if not list((ckpt_dir / TAG).glob("*optim_states.pt")):  # ZeRO-0 keeps whole weights
-            return torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+            return torch.load(model_states, map_location="cpu", weights_only=True)["module"]
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=TAG)
 
     @contextlib.contextmanager
@@ -183,8 +233,6 @@ class DeepSpeedEngine(Engine):
         state = self.ds._zero3_consolidated_16bit_state_dict()
         if self.rank != 0:
             return None
-        full = type(module)(module.config)
-        full.load_state_dict(state, strict=False)
-        if getattr(module.config, "tie_word_embeddings", False):
-            full.tie_weights()
+        full = type(module)(module.config)  # tied as the config says, so the gather's one copy fills both
+        load_weights(full, state, "DeepSpeed's gathered ZeRO-3 weights")
         return full.to(torch.float32) if module.dtype != torch.bfloat16 else full

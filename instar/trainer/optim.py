@@ -11,6 +11,8 @@ from instar.trainer.collage_optim import CollageAdamW
 
 # Precisions whose parameters are bf16 with no fp32 copy: the optimizer updates them directly.
 BF16_PARAMS = {"bf16-pure": None, "collage-light": "light", "collage-plus": "plus"}
+# Precisions that keep fp32 weights and gradients and run the forward under bf16 autocast, on every engine.
+AUTOCAST = ("bf16", "fp8")
 
 
 def param_dtype(precision: str) -> torch.dtype:

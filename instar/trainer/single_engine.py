@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from instar.errors import ContractError
 from instar.trainer.engine import Engine, resolve_device
 from instar.trainer.collage_optim import CollageAdamW, descent_metrics, state_bytes
-from instar.trainer.optim import build_optimizer, param_dtype, param_groups
+from instar.trainer.optim import AUTOCAST, build_optimizer, param_dtype, param_groups
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -26,11 +27,31 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Load a (possibly tie-deduplicated) state dict; anything else missing is a bug."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = set(model.state_dict()) - set(unique_state_dict(model))
-    assert not unexpected and set(missing) <= tied, (missing, unexpected)
+def tied_groups(model: torch.nn.Module) -> list[list[str]]:
+    """The state dict's keys that name one shared tensor (e.g. a tied LM head and the embedding)."""
+    groups: dict[int, list[str]] = {}
+    for key, tensor in model.state_dict().items():
+        groups.setdefault(tensor.data_ptr(), []).append(key)
+    return [keys for keys in groups.values() if len(keys) > 1]
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
+                 source: str = "the checkpoint's consolidated weights") -> None:
+    """Load a whole-model state dict strictly. A tied tensor may come under any one of its names
+    (safetensors and DeepSpeed's gather keep one); any other missing or unexpected key is an error
+    naming the keys and `source`."""
+    state = dict(weights)
+    for group in tied_groups(model):
+        given = next((key for key in group if key in state), None)
+        if given is not None:
+            for key in group:
+                state.setdefault(key, state[given])
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ContractError(f"{source} does not fit {type(model).__name__}: missing keys {missing}, unexpected "
+                            f"keys {unexpected}; it was written for another model config")
+    model.load_state_dict(state, strict=True)
 
 
 class SingleEngine(Engine):
@@ -46,7 +67,7 @@ class SingleEngine(Engine):
                                          spec.optimizer, guarded=True, max_grad_norm=spec.train.max_grad_norm)
 
     def autocast(self):
-        if self.precision in ("bf16", "fp8"):  # fp8: FP8 linears, everything else in bf16
+        if self.precision in AUTOCAST:  # fp8: FP8 linears, everything else in bf16
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -71,7 +92,7 @@ class SingleEngine(Engine):
         torch.save(self.optimizer.state_dict(), ckpt_dir / "optimizer.pt")
 
     def load(self, ckpt_dir: Path) -> None:
-        load_weights(self.model, load_file(str(ckpt_dir / "model.safetensors")))
+        load_weights(self.model, load_file(str(ckpt_dir / "model.safetensors")), str(ckpt_dir / "model.safetensors"))
         self.optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True))
 
     @staticmethod
