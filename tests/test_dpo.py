@@ -180,6 +180,9 @@ def test_reference_is_held_in_the_compute_precision(tmp_path: Path, capsys):
     assert record["dtype"] == "bfloat16" and record["zero_stage"] is None
     assert record["bytes_per_rank"] == [2 * sum(w.numel() for w in weights.values())]
     assert "not ln 2" not in capsys.readouterr().out
+    # The cached values depend on the dtype: the same stage in fp32 computes its own, never the bf16 ones.
+    run_recipe(load_recipe(write_recipe(tmp_path, recipe), ["stages.dpo.precision=fp32"]), quiet=True)
+    assert len(list((tmp_path / "runs/t/dpo/reference_logps").glob("sft-*.pt"))) == 2
 
 
 def test_a_reference_cache_of_the_wrong_shape_is_a_user_error(tmp_path: Path, capsys):

@@ -127,7 +127,8 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
         # Another world size or engine: DeepSpeed's partitions do not fit, so consolidate the
         # weights and restart Adam's moments. The data stream and schedule continue exactly (they
         # depend on the global batch only), so the loss picks up where it was.
-        load_weights(model, engine_class(resume_state["engine"]).consolidated_weights(resume_path))
+        load_weights(model, engine_class(resume_state["engine"]).consolidated_weights(resume_path),
+                     f"the consolidated weights of checkpoint {resume_path}")
     engine = build_engine(model, spec, layout, ctx.name)
     engine.model.train()
     if select_attention(engine.model, engine.device, spec.precision) == FLASH:

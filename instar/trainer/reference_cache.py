@@ -30,8 +30,13 @@ def pairs_hash(examples: list) -> str:
 
 
 def cache_path(ctx, reference: str, examples: list) -> Path:
+    """Keyed by the reference's fingerprint, the pairs and the dtype the reference computes in (a
+    bf16 stage's values are not an fp32 stage's)."""
+    from instar.trainer.frozen import compute_dtype
+
     meta = read_meta(ctx.parent_model_dir(reference)) or {}
-    key = json.dumps({"reference": meta.get("fingerprint"), "pairs": pairs_hash(examples)}, sort_keys=True)
+    key = json.dumps({"reference": meta.get("fingerprint"), "pairs": pairs_hash(examples),
+                      "dtype": str(compute_dtype(ctx.spec.precision))}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return ctx.stage_dir / "reference_logps" / f"{reference}-{digest}.pt"
 
