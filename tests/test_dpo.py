@@ -16,7 +16,7 @@ from instar.data.packing import collate_rows
 from instar.data.tokenizer import build_char_tokenizer
 from instar.graph.runner import run_recipe
 from instar.models.build import model_from_config
-from instar.trainer.preference import preference_losses, segment_logps
+from instar.methods.preference import preference_losses, segment_logps
 from instar.data.chat import chat_examples
 from instar.trainer.losses import forward_logits
 from tests.conftest import tiny_recipe, write_recipe

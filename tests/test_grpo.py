@@ -17,7 +17,7 @@ from instar.eval.generate import decode_batch, greedy_pick, sampling_pick
 from instar.graph.runner import run_recipe
 from instar.config.load import load_recipe
 from instar.models.build import model_from_config
-from instar.trainer.rl import group_advantages, k3_kl, per_token_loss, reduce_loss
+from instar.methods.rl import group_advantages, k3_kl, per_token_loss, reduce_loss
 from tests.conftest import tiny_recipe, write_recipe
 
 

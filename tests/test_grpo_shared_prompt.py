@@ -11,7 +11,7 @@ from instar.data.example import IGNORE, Example
 from instar.data.packing import collate_rows
 from instar.trainer.kinds.grpo import shared_prompt_logps, shares_prompts
 from instar.trainer.losses import forward_logits
-from instar.trainer.rl import token_logps
+from instar.methods.rl import token_logps
 
 
 def _model(tie: bool, kv: int = 2):

@@ -159,7 +159,7 @@ def test_symlinked_stage_folder_is_refused(tmp_path: Path):
 def test_worker_with_a_hostile_stage_argument_writes_nothing_outside(tmp_path: Path):
     run_dir = tmp_path / "runs" / "t"
     run_dir.mkdir(parents=True)
-    out = subprocess.run([sys.executable, "-m", "instar.launch.worker", str(run_dir), "../escaped"],
+    out = subprocess.run([sys.executable, "-m", "instar.graph.worker", str(run_dir), "../escaped"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
     assert out.returncode == 2 and "stage '../escaped'" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "runs" / "escaped").exists()

@@ -14,7 +14,7 @@ from instar.data.chat import chat_examples
 from instar.data.example import IGNORE
 from instar.data.packing import collate_rows
 from instar.data.tokenizer import build_char_tokenizer
-from instar.trainer.input_transforms import build_transforms, parse_transforms
+from instar.methods.input_transforms import build_transforms, parse_transforms
 from tests.conftest import tiny_recipe, write_recipe
 
 TOK = build_char_tokenizer()

@@ -16,7 +16,9 @@ from instar.config.schema import DistributedConfig, OptimizerConfig, TrainConfig
 from instar.data.packing import collate_rows
 from instar.data.tokenizer import build_char_tokenizer
 from instar.trainer.batch import BatchLayout
-from instar.trainer.kinds.kto import KTO_LOSSES, KtoKind, KtoSpec
+from instar.kinds.kto import KtoSpec
+from instar.methods.kto import KTO_LOSSES
+from instar.trainer.kinds.kto import KtoKind
 from instar.trainer.single_engine import SingleEngine
 from tests.conftest import tiny_recipe, write_recipe
 

@@ -22,6 +22,7 @@ PARENT_KINDS = {  # a stage of each kind after a pretrain stage, with no section
 
 def _recipe(stage: dict, **defaults) -> dict:
     recipe = tiny_recipe()
+    recipe["model"]["config"]["max_position_embeddings"] = 512  # room for the seq_len 256 below
     recipe["stages"] = {"base": {"kind": "pretrain", "data": {"generate": {"split": "pretrain", "rows": 8}}},
                         "other": {"kind": "sft", "after": ["base"], "data": {"generate": {"split": "sft", "rows": 8}}},
                         "stage": {**stage, "after": ["base"] if stage["kind"] != "pretrain" else []}}

@@ -145,7 +145,7 @@ def test_usr2_checkpoints_exits_75_and_the_rerun_matches_an_uninterrupted_run(tm
     loaded = load_recipe(path, ["run.name=stopped"])
     save_run_files(loaded, make_plan(loaded), quiet=False)
     run_dir = loaded.run_dir
-    worker = [sys.executable, "-m", "instar.launch.worker", str(run_dir), "pretrain"]
+    worker = [sys.executable, "-m", "instar.graph.worker", str(run_dir), "pretrain"]
     proc = subprocess.Popen(worker, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = run_dir / "pretrain" / "metrics.jsonl"
     deadline = time.time() + 120

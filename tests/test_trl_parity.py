@@ -20,9 +20,9 @@ from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTr
 
 from instar.data.packing import IGNORE  # noqa: E402
 from instar.data.tokenizer import build_char_tokenizer  # noqa: E402
-from instar.trainer.preference import preference_losses  # noqa: E402
+from instar.methods.preference import preference_losses  # noqa: E402
 from instar.data.chat import chat_examples  # noqa: E402
-from instar.trainer.rl import LOSS_TYPES, group_advantages, per_token_loss, reduce_loss, token_logps  # noqa: E402
+from instar.methods.rl import LOSS_TYPES, group_advantages, per_token_loss, reduce_loss, token_logps  # noqa: E402
 
 TOK = build_char_tokenizer()
 

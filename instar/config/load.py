@@ -178,7 +178,7 @@ def _closest(name: str, options: list[str]) -> str:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedRecipe:
     """Read, override and validate a recipe. Raises RecipeError listing every problem found."""
-    from instar.trainer.kinds import get_kind, kind_names
+    from instar.kinds import definition, kind_names
 
     path = Path(path)
     overrides = list(overrides or [])
@@ -221,7 +221,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
             errors.append(f"{where}: stages.{name}.kind: unknown kind '{kind_name}'"
                           f"{_closest(str(kind_name), kind_names())} (kinds: {', '.join(kind_names())})")
             continue
-        spec_cls = get_kind(kind_name).Spec
+        spec_cls = definition(kind_name).Spec
         stage = _validate(spec_cls, spec, ("stages", name), errors, path, lines, overridden)
         if stage is not None:
             stages[name] = stage

@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from instar.errors import DataError
-from instar.models.export import umask_mode
+from instar.files import umask_mode
 
 
 @dataclass

@@ -9,19 +9,6 @@ from instar.config.schema import Recipe
 from instar.errors import RecipeError
 
 
-def ancestors(stages: dict, name: str) -> set[str]:
-    """Every stage `name` depends on, directly or not (cycles tolerated)."""
-    seen: set[str] = set()
-    todo = list(getattr(stages.get(name), "after", []) or [])
-    while todo:
-        parent = todo.pop()
-        if parent in seen or parent not in stages:
-            continue
-        seen.add(parent)
-        todo.extend(stages[parent].after)
-    return seen
-
-
 def _find_cycle(stages: dict) -> list[str] | None:
     """One cycle as a path [a, b, ..., a], or None. Iterative: a chain of thousands of stages
     would pass Python's recursion limit."""
@@ -97,7 +84,7 @@ class StageGraph:
 
     def _validate(self) -> None:
         from instar.config.resolve import resolve_stage
-        from instar.trainer.kinds import get_kind
+        from instar.kinds import definition
 
         errors: list[str] = []
         names = list(self.stages)
@@ -112,7 +99,7 @@ class StageGraph:
                     hint = f"; did you mean '{close[0]}'?" if close else ""
                     errors.append(f"stages.{name}.after: parent '{parent}' is not a stage of this recipe{hint} "
                                   f"(stages: {', '.join(names)})")
-            kind = get_kind(spec.kind)
+            kind = definition(spec.kind)
             n = len(spec.after)
             if n < kind.min_parents or (kind.max_parents is not None and n > kind.max_parents):
                 want = (f"at least {kind.min_parents}" if kind.max_parents is None

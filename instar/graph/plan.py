@@ -42,7 +42,7 @@ def _hash(path: Path, stage: str) -> str:
 
 def make_plan(loaded: LoadedRecipe) -> list[StagePlan]:
     """Every stage in topological order with its fingerprint and whether its artifact is current."""
-    from instar.trainer.kinds import get_kind
+    from instar.kinds import definition
 
     recipe, run_dir, base_dir = loaded.recipe, loaded.run_dir, loaded.base_dir
     graph = StageGraph(recipe)
@@ -50,7 +50,7 @@ def make_plan(loaded: LoadedRecipe) -> list[StagePlan]:
     plan = []
     for name in graph.topo_order():
         spec = resolve_stage(recipe, name)
-        kind = get_kind(spec.kind)
+        kind = definition(spec.kind)
         data_specs = kind.data_specs(name, recipe.stages[name], recipe)
         paths = [materialize(ds, base_dir, run_dir) for ds in data_specs]
         hashes = {str(p): _hash(p, name) for p in paths}

@@ -56,18 +56,18 @@ def _effective_tokenizers(loaded: LoadedRecipe, plan: list[StagePlan]) -> dict[s
 
 def precheck(loaded: LoadedRecipe, plan: list[StagePlan]) -> None:
     """Fail before any training on what can be known now: bad data rows, tokenizer mismatches."""
-    from instar.trainer.kinds import get_kind
+    from instar.kinds import definition
 
     pending = [sp for sp in plan if not sp.cached]
     for sp in pending:
-        kind = get_kind(sp.kind)
+        kind = definition(sp.kind)
         specs = kind.data_specs(sp.name, loaded.recipe.stages[sp.name], loaded.recipe)
         for path, ds in zip(sp.data_paths, specs):
             if ds.shards is None:
                 read_rows(path, ROW_FORMATS[kind.row_format], ds.on_bad_row, ds.max_rows)
     effective = _effective_tokenizers(loaded, plan)
     for sp in pending:  # token shards: files complete, and made with the stage's tokenizer
-        specs = get_kind(sp.kind).data_specs(sp.name, loaded.recipe.stages[sp.name], loaded.recipe)
+        specs = definition(sp.kind).data_specs(sp.name, loaded.recipe.stages[sp.name], loaded.recipe)
         for path, ds in zip(sp.data_paths, specs):
             if ds.shards is not None:
                 from instar.data.shards import TokenShards

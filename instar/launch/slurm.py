@@ -2,7 +2,7 @@
 
 A stage's job runs `srun` with one task per node; each task is `torchrun` with c10d rendezvous on
 the allocation's first host (`--rdzv-id=$SLURM_JOB_ID`, `$SLURM_NNODES` nodes), which starts the
-stage's ranks (`instar.launch.worker`). Stages that run in one process (engine `single`, merges)
+stage's ranks (`instar.graph.worker`). Stages that run in one process (engine `single`, merges)
 run the worker directly as the job's one task.
 
 Preemption: the script asks for `--signal=B:USR2@N` and `--requeue`. `B:` signals the batch shell
@@ -148,7 +148,7 @@ def render_script(run_dir: Path, job: StageJob, opts: SlurmOptions, *, run_name:
         # DeepSpeed's JIT-built ops are cached beside the environment, as `instar run` does.
         env_extra = ['[ -n "${TORCH_EXTENSIONS_DIR:-}" ] || export TORCH_EXTENSIONS_DIR='
                      + q(str(Path(sys.prefix) / "torch_extensions"))]
-    worker = ["-m", "instar.launch.worker", str(run_dir), job.name]
+    worker = ["-m", "instar.graph.worker", str(run_dir), job.name]
     if job.ranked:
         rank_cmd = (f"{q(python)} -m torch.distributed.run --nnodes=\"$SLURM_NNODES\" "
                     f"--nproc-per-node={job.nproc_per_node} --rdzv-backend=c10d "

@@ -30,7 +30,7 @@ def torchrun_command(run_dir: Path, stage: str, dist: DistributedConfig, node_ra
         cmd += ["--nnodes", str(dist.nnodes), "--node_rank", str(node_rank), "--nproc_per_node",
                 str(dist.nproc_per_node), "--rdzv_backend", "c10d", "--rdzv_endpoint", str(dist.rdzv_endpoint),
                 "--rdzv_id", run_id]
-    return cmd + ["--max_restarts", "0", "-m", "instar.launch.worker", str(run_dir), stage]
+    return cmd + ["--max_restarts", "0", "-m", "instar.graph.worker", str(run_dir), stage]
 
 
 def check_topology(stage: str, spec, node_rank: int) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from instar.errors import TrainingError
+from instar.files import follow_umask
 
 DONE = "DONE"
 META = "instar.json"
@@ -27,26 +28,6 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def umask_mode(mode: int = 0o777) -> int:
-    """`mode` as the process umask lets plain mkdir/open create it (tempfile ignores the umask:
-    0700 / 0600, which hides artifacts from the team on a shared cluster)."""
-    try:  # Linux says it; setting the umask to read it would race with other threads creating files
-        status = Path("/proc/self/status").read_text()
-        mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
-    except (OSError, StopIteration):
-        mask = os.umask(0)
-        os.umask(mask)
-    return mode & ~mask
-
-
-def follow_umask(root: Path) -> None:
-    """Give `root` and everything under it the modes the umask allows (safetensors, like tempfile,
-    writes 0600 files)."""
-    for path in [root, *root.rglob("*")]:
-        if not path.is_symlink():
-            path.chmod(umask_mode(0o777 if path.is_dir() else 0o666))
 
 
 # Left by a process killed mid-write or mid-delete: remove_tree's `.X.trash<pid>`, write_artifact's

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from instar.errors import TrainingError
-from instar.models.export import follow_umask, remove_tree
+from instar.files import follow_umask
+from instar.models.export import remove_tree
 from instar.models.fp8 import amax_histories, load_amax_histories
 
 PREFIX = "step-"

@@ -45,7 +45,7 @@ def pair_logps(model, examples: list, pad_id: int, device: torch.device, batch_s
     """[N, 2] summed log-probs (chosen, rejected) of each two-segment example under `model`."""
     from instar.data.packing import collate_rows
     from instar.trainer.engine import to_device
-    from instar.trainer.preference import segment_logps
+    from instar.methods.preference import segment_logps
     from instar.trainer.losses import forward_logits
 
     out = []

@@ -1,16 +1,14 @@
-"""What a stage kind is: its spec, its data format, its parents, and how it runs.
-
-Training kinds subclass `TrainingKind` and give `build_sources` (and `loss` when it is not
-next-token cross-entropy); the shared loop does the rest. Other kinds (merge) give `run`.
+"""How a stage kind runs. A kind's runtime class subclasses its definition (instar.kinds: settings,
+capabilities, checks) and `StageKind`: training kinds subclass `TrainingKind` and give
+`build_sources` (and `loss` when it is not next-token cross-entropy, declaring
+`causal_lm_loss = False`); the shared loop does the rest. Other kinds (merge) give `run`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
-
-from instar.config.schema import DataSpec, Recipe, StageSpec
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -31,42 +29,11 @@ class StepWork:
     metrics: dict[str, float] = field(default_factory=dict)  # step-wide values, already over every rank
 
 
-def setting_path(recipe: Recipe, stage: str, section: str, field: str) -> str:
-    """Where the value a resolved stage has for `section.field` was written: the stage's own
-    settings or `defaults` (for messages about values a stage inherits)."""
-    own = getattr(recipe.stages[stage], section, None)
-    if own is not None and field in own.model_fields_set:
-        return f"stages.{stage}.{section}.{field}"
-    return f"defaults.{section}.{field}"
-
-
 class StageKind(ABC):
-    name: ClassVar[str]
-    Spec: ClassVar[type[StageSpec]] = StageSpec
-    min_parents: ClassVar[int] = 0
-    max_parents: ClassVar[int | None] = 1
-    row_format: ClassVar[str | None] = "text"  # key of instar.data.formats.ROW_FORMATS
-    needs_chat_template: ClassVar[bool] = False
+    """A stage of some kind, for one run of it (`ctx`)."""
 
     def __init__(self, ctx: "StageContext"):
         self.ctx = ctx
-
-    # --- planning (no torch) ---
-    @classmethod
-    def data_specs(cls, name: str, spec: StageSpec, recipe: Recipe) -> list[DataSpec]:
-        """The data this stage reads, in order (hashed into its fingerprint, validated up front)."""
-        return [spec.data] if spec.data is not None else []
-
-    @classmethod
-    def check(cls, name: str, spec: StageSpec, recipe: Recipe) -> list[str]:
-        """Problems with this stage's settings that the schema cannot see; `spec` is resolved
-        (the stage's own settings over `defaults`), as the stage will run."""
-        if cls.row_format is not None and spec.data is None:
-            return [f"stages.{name}.data: a {cls.name} stage needs `data` (a `path` to JSONL rows or `generate`)"]
-        if spec.data is not None and spec.data.shards is not None and cls.row_format != "text":
-            return [f"stages.{name}.data.shards: token shards hold pretraining text; a {cls.name} stage reads "
-                    f"{cls.row_format} rows: give `path` to a JSONL file"]
-        return []
 
     @abstractmethod
     def run(self) -> dict[str, Any]:
@@ -76,9 +43,6 @@ class StageKind(ABC):
 class TrainingKind(StageKind):
     """A kind trained by the shared loop (`instar.trainer.loop`)."""
 
-    packs_rows: ClassVar[bool] = True  # whether `train.packing` may put several examples in a row
-    causal_lm_loss: ClassVar[bool] = True  # `loss` is next-token cross-entropy (fused_ce can compute it); a kind
-                                           # that overrides `loss` sets this False
 
     def run(self) -> dict[str, Any]:
         from instar.trainer.loop import train_stage

@@ -1,7 +1,7 @@
 """`dpo`: preference optimisation on `{"prompt", "chosen", "rejected"}` rows.
 
 `loss:` names a registered preference loss (`sigmoid` = DPO, `ipo`, `hinge`, `redi`; formulas and
-how to add one: instar.trainer.preference). `nll_coef` adds c·(−log π(y_w)/|y_w|), which keeps the
+how to add one: instar.methods.preference). `nll_coef` adds c·(−log π(y_w)/|y_w|), which keeps the
 chosen answers' likelihood from falling.
 
 Chosen and rejected go through one forward: they are one example with two segments that do not
@@ -15,47 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
-from pydantic import Field, field_validator
-
-from instar.config.schema import Recipe, StageSpec, Strict
 from instar.data.example import Example
 from instar.errors import DataError
+from instar.kinds.dpo import DpoDefinition
+from instar.methods.preference import preference_losses, segment_logps
 from instar.trainer.kinds.base import StepWork, TrainingKind
-from instar.trainer.kinds.reference import check_reference, load_reference_model, reference_stage
-from instar.trainer.preference import PREFERENCE_LOSSES, preference_losses, segment_logps
+from instar.trainer.kinds.reference import load_reference_model, reference_stage
 
 LN2 = math.log(2.0)
-
-
-class OnPolicyNegatives(Strict):
-    """Replace each row's `rejected` by a wrong answer sampled from the stage's starting model."""
-
-    samples: int = Field(default=4, ge=1)  # completions drawn per prompt
-    temperature: float = Field(default=1.0, gt=0)
-    max_new_tokens: int = Field(default=16, ge=1)
-    only_mistakes: bool = False  # drop rows the model always got right (else keep the data's rejected)
-
-
-class DpoSpec(StageSpec):
-    loss: str = "sigmoid"  # a registered preference loss (instar.trainer.preference)
-    beta: float = Field(default=0.1, gt=0)
-    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
-    alpha: float = Field(default=0.8, ge=0)  # REDI: weight of the rejected term
-    nll_coef: float = Field(default=0.0, ge=0)
-    reference: str | None = None  # an ancestor stage; default: the first parent
-    reference_logps: Literal["cached", "on_the_fly"] = "cached"
-    negatives: OnPolicyNegatives | None = None  # on-policy rejected answers
-
-    @field_validator("loss")
-    @classmethod
-    def _registered(cls, name: str) -> str:
-        return PREFERENCE_LOSSES.validate(name)
-
-    @property
-    def reference_free(self) -> bool:
-        return PREFERENCE_LOSSES[self.loss].reference_free
 
 
 @dataclass
@@ -65,14 +33,7 @@ class PairExample(Example):
     index: int = 0
 
 
-class DpoKind(TrainingKind):
-    name = "dpo"
-    Spec = DpoSpec
-    min_parents = 1
-    row_format = "preference"
-    needs_chat_template = True
-    causal_lm_loss = False
-
+class DpoKind(DpoDefinition, TrainingKind):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._reference = None
@@ -80,13 +41,6 @@ class DpoKind(TrainingKind):
         self._check_ln2 = False
         self._examples: list[PairExample] = []
         self._ref_cache = None  # [pairs, 2] reference log-probs, when cached
-
-    @classmethod
-    def check(cls, name: str, spec: DpoSpec, recipe: Recipe) -> list[str]:
-        problems = super().check(name, spec, recipe) + check_reference(name, spec.reference, recipe)
-        if spec.reference_free and spec.reference is not None:
-            problems.append(f"stages.{name}.reference: loss `{spec.loss}` is reference-free; drop `reference`")
-        return problems
 
     @property
     def reference_stage(self) -> str:

@@ -5,7 +5,7 @@ prompt from the current policy (KV-cached decoding, temperature / top_p, stop at
 them with the stage's reward functions, and turns the rewards into group-normalised advantages.
 The rollout is then trained on for `epochs` optimizer steps with the clipped importance ratio
 against the sampling policy and, when `beta` > 0, a k3 KL penalty to the reference stage
-(the parent by default). The arithmetic lives in `instar.trainer.rl`.
+(the parent by default). The arithmetic lives in `instar.methods.rl`.
 
 A rollout reused over several steps is part of the checkpoint (`kind_rank<k>.pt`), so a killed
 stage resumes mid-rollout exactly. `rollouts.jsonl` lists every prompt drawn (step, row, prompt,
@@ -20,50 +20,12 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
-
-from instar.config.schema import Recipe, StageSpec, Strict
 from instar.data.example import IGNORE, Example
 from instar.errors import DataError
-from instar.trainer.kinds.base import StepWork, TrainingKind, setting_path
-from instar.trainer.kinds.reference import check_reference, load_reference_model
-from instar.trainer.rl import ADVANTAGE_SCALES, LOSS_TYPES
-
-
-class RewardSpec(Strict):
-    fn: str = "exact"  # a built-in (exact, format, reft) or `module:function`
-    weight: float = 1.0
-
-
-class GrpoSpec(StageSpec):
-    group_size: int = Field(default=8, ge=2)
-    max_new_tokens: int = Field(default=16, ge=1)
-    temperature: float = Field(default=1.0, gt=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    beta: float = Field(default=0.0, ge=0)  # k3 KL coefficient; 0 = no reference model
-    clip_eps: float = Field(default=0.2, gt=0, lt=1)
-    clip_eps_high: float | None = Field(default=None, gt=0)  # DAPO's clip-higher; default = clip_eps
-    epochs: int = Field(default=1, ge=1)  # optimizer steps per rollout
-    scale_rewards: str = "group"  # a registered advantage scaling (instar.trainer.rl); none = Dr.GRPO
-    loss_type: str = "grpo"  # a registered loss type (instar.trainer.rl)
-    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec()], min_length=1)
-    reference: str | None = None  # an ancestor stage; default: the first parent
-
-    @field_validator("scale_rewards")
-    @classmethod
-    def _known_scale(cls, name: str) -> str:
-        return ADVANTAGE_SCALES.validate(name)
-
-    @field_validator("loss_type")
-    @classmethod
-    def _known_loss_type(cls, name: str) -> str:
-        return LOSS_TYPES.validate(name)
-
-    @model_validator(mode="after")
-    def _dr_grpo(self) -> "GrpoSpec":
-        if self.loss_type == "dr_grpo" and self.scale_rewards != "none":
-            raise ValueError("loss_type dr_grpo leaves advantages unscaled: set scale_rewards: none")
-        return self
+from instar.kinds.grpo import GrpoDefinition
+from instar.methods.rl import LOSS_TYPES
+from instar.trainer.kinds.base import StepWork, TrainingKind
+from instar.trainer.kinds.reference import load_reference_model
 
 
 @dataclass
@@ -85,15 +47,7 @@ def _gather_stats(engine, values: list[float]) -> tuple[float, float, float]:
     return n, mean, math.sqrt(max(var, 0.0))
 
 
-class GrpoKind(TrainingKind):
-    name = "grpo"
-    Spec = GrpoSpec
-    min_parents = 1
-    row_format = "prompt_answer"
-    needs_chat_template = True
-    causal_lm_loss = False
-    packs_rows = False  # a row is one prompt; its completions are laid out by the kind
-
+class GrpoKind(GrpoDefinition, TrainingKind):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._tokenizer = None
@@ -103,23 +57,6 @@ class GrpoKind(TrainingKind):
         self._rollout_step = -1
         self._log = None  # rollouts.jsonl (rank 0)
         self._samples: list[tuple[str, float]] = []  # this rank's last (completion, reward) pairs
-
-    @classmethod
-    def check(cls, name: str, spec: GrpoSpec, recipe: Recipe) -> list[str]:
-        from instar.trainer.rewards import check_reward_name
-
-        problems = super().check(name, spec, recipe) + check_reference(name, spec.reference, recipe)
-        for i, reward in enumerate(spec.rewards):
-            problem = check_reward_name(reward.fn)
-            if problem:
-                problems.append(f"stages.{name}.rewards[{i}].fn: {problem}")
-        if spec.reference is not None and spec.beta == 0:
-            problems.append(f"stages.{name}.reference: beta is 0, so no reference is used; set beta > 0 "
-                            f"for a KL penalty or drop `reference`")
-        if spec.train.seq_len <= spec.max_new_tokens:
-            problems.append(f"{setting_path(recipe, name, 'train', 'seq_len')} ({spec.train.seq_len}) must exceed "
-                            f"stages.{name}.max_new_tokens ({spec.max_new_tokens}) to leave room for the prompt")
-        return problems
 
     # --- data ---
     def build_sources(self, tokenizer, rows_per_source):
@@ -212,8 +149,8 @@ class GrpoKind(TrainingKind):
 
         from instar.data.packing import collate_rows
         from instar.trainer.engine import to_device
-        from instar.trainer.rewards import RewardModel
-        from instar.trainer.rl import group_advantages
+        from instar.methods.rewards import RewardModel
+        from instar.methods.rl import group_advantages
 
         spec, tok, g = self.ctx.spec, self._tokenizer, self.ctx.spec.group_size
         if self._rewards is None:
@@ -282,7 +219,7 @@ class GrpoKind(TrainingKind):
         the completions): through `shared_prompt_logps` where it applies, else one forward of
         every whole row."""
         from instar.trainer.losses import forward_logits
-        from instar.trainer.rl import token_logps
+        from instar.methods.rl import token_logps
 
         spec = self.ctx.spec
         if shares_prompts(model, batch, spec.group_size):
@@ -296,7 +233,7 @@ class GrpoKind(TrainingKind):
 
     # --- objective ---
     def loss(self, model, batch, denominator):
-        from instar.trainer.rl import per_token_loss, reduce_loss
+        from instar.methods.rl import per_token_loss, reduce_loss
         from instar.trainer.step_metrics import Mean
 
         spec = self.ctx.spec
@@ -361,7 +298,7 @@ def shared_prompt_logps(model, batch: dict, group_size: int, temperature: float)
 
     import torch
 
-    from instar.trainer.rl import token_logps
+    from instar.methods.rl import token_logps
 
     hf = getattr(model, "module", model)
     cache_name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"

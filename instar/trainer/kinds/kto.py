@@ -18,50 +18,14 @@ and of its mismatched one are cached like DPO's (`reference_logps: cached`) or c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
 
-from pydantic import Field, field_validator
-
-from instar.config.schema import Recipe, StageSpec
 from instar.data.example import Example
 from instar.errors import DataError
-from instar.registry import Registry
+from instar.kinds.kto import KtoDefinition
+from instar.methods.kto import KTO_LOSSES
+from instar.methods.preference import document_logps
 from instar.trainer.kinds.base import StepWork, TrainingKind
-from instar.trainer.kinds.reference import check_reference, load_reference_model, reference_stage
-
-# (log-ratios r [n], KL estimate z, desirable [n] bool, spec) -> per-completion losses [n]
-KTO_LOSSES: Registry[Callable] = Registry("KTO loss")
-
-
-@KTO_LOSSES.register("kto")
-def _kto(r, z, desirable, spec):
-    import torch
-
-    return torch.where(desirable, spec.desirable_weight * (1 - torch.sigmoid(spec.beta * (r - z))),
-                       spec.undesirable_weight * (1 - torch.sigmoid(spec.beta * (z - r))))
-
-
-@KTO_LOSSES.register("apo_zero_unpaired")
-def _apo_zero(r, z, desirable, spec):
-    import torch
-
-    return torch.where(desirable, spec.desirable_weight * (1 - torch.sigmoid(spec.beta * r)),
-                       spec.undesirable_weight * torch.sigmoid(spec.beta * r))
-
-
-class KtoSpec(StageSpec):
-    loss: str = "kto"  # a registered KTO loss (above)
-    beta: float = Field(default=0.1, gt=0)
-    desirable_weight: float = Field(default=1.0, gt=0)  # λ_D
-    undesirable_weight: float = Field(default=1.0, gt=0)  # λ_U
-    reference: str | None = None  # an ancestor stage; default: the first parent
-    reference_logps: Literal["cached", "on_the_fly"] = "cached"
-
-    @field_validator("loss")
-    @classmethod
-    def _registered(cls, name: str) -> str:
-        return KTO_LOSSES.validate(name)
-
+from instar.trainer.kinds.reference import load_reference_model, reference_stage
 
 @dataclass
 class FeedbackExample(Example):
@@ -86,42 +50,13 @@ def unpair(rows: list[dict]) -> list[tuple[object, str, bool]]:
     return first + later
 
 
-def document_logps(logits, batch) -> tuple:
-    """Summed target log-probs and target counts of every document of the batch, row by row and
-    left to right (the order of `[ex for row in rows for ex in row]`)."""
-    import torch
-
-    from instar.data.example import IGNORE
-
-    targets = batch["targets"]
-    valid = targets != IGNORE
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0] * valid
-    docs = int(batch["doc_ids"].max()) + 1
-    index = batch["doc_ids"].clamp(min=0)
-    sums = torch.zeros(targets.shape[0], docs, dtype=logp.dtype, device=logp.device).scatter_add_(1, index, logp)
-    counts = torch.zeros_like(sums).scatter_add_(1, index, valid.to(logp.dtype))
-    present = counts > 0
-    return sums[present], counts[present]
-
-
-class KtoKind(TrainingKind):
-    name = "kto"
-    Spec = KtoSpec
-    min_parents = 1
-    row_format = "unpaired_preference"
-    needs_chat_template = True
-    causal_lm_loss = False
-
+class KtoKind(KtoDefinition, TrainingKind):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._tokenizer = None
         self._reference = None
         self._examples: list[FeedbackExample] = []
         self._ref_cache = None  # [n, 2] reference log-probs (completion, mismatched completion)
-
-    @classmethod
-    def check(cls, name: str, spec: KtoSpec, recipe: Recipe) -> list[str]:
-        return super().check(name, spec, recipe) + check_reference(name, spec.reference, recipe)
 
     def build_sources(self, tokenizer, rows_per_source):
         from instar.data.chat import chat_examples

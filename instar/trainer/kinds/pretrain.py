@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from instar.config.schema import StageSpec
+from instar.kinds.pretrain import PretrainDefinition
 from instar.trainer.kinds.base import TrainingKind
 
 
@@ -22,10 +22,6 @@ def text_examples(tokenizer, rows: list[dict]) -> list:
     return [causal_example(prefix + ids + [eos]) for ids in encoded]
 
 
-class PretrainKind(TrainingKind):
-    name = "pretrain"
-    Spec = StageSpec  # no settings beyond the common ones
-    row_format = "text"
-
+class PretrainKind(PretrainDefinition, TrainingKind):
     def build_sources(self, tokenizer, rows_per_source):
         return [text_examples(tokenizer, rows_per_source[0])], [1.0]

@@ -3,22 +3,7 @@ ancestor named by `reference`."""
 
 from __future__ import annotations
 
-from instar.config.schema import Recipe
 from instar.errors import ContractError
-
-
-def check_reference(name: str, reference: str | None, recipe: Recipe) -> list[str]:
-    """Problems with a stage's `reference` setting (found at validate time)."""
-    from instar.graph.dag import ancestors
-
-    if reference is None:
-        return []
-    if reference not in recipe.stages:
-        return [f"stages.{name}.reference: '{reference}' is not a stage of this recipe"]
-    if reference not in ancestors(recipe.stages, name):
-        return [f"stages.{name}.reference: '{reference}' is not an ancestor of '{name}'; "
-                f"the reference must finish before this stage starts (add it to `after`)"]
-    return []
 
 
 def reference_stage(ctx) -> str:

@@ -11,27 +11,12 @@ and `error` stops with the row's number.
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import SerializeAsAny, field_validator
-
-from instar.config.schema import StageSpec
 from instar.data.chat import chat_examples
 from instar.data.example import IGNORE, Example
 from instar.errors import DataError
-from instar.trainer.input_transforms import TransformSpec, build_transforms, parse_transforms
+from instar.kinds.sft import SftDefinition
+from instar.methods.input_transforms import build_transforms
 from instar.trainer.kinds.base import StepWork, TrainingKind
-
-
-class SftSpec(StageSpec):
-    loss_on: Literal["assistant", "last_turn", "all"] = "assistant"
-    truncation: Literal["keep_start", "keep_end", "drop", "error"] = "keep_start"
-    transforms: list[SerializeAsAny[TransformSpec]] = []  # input transforms (instar.trainer.input_transforms)
-
-    @field_validator("transforms", mode="before")
-    @classmethod
-    def _registered(cls, items):
-        return parse_transforms(items)
 
 
 def fit_length(examples: list[Example], seq_len: int, policy: str, stage: str) -> tuple[list[Example], int]:
@@ -53,12 +38,7 @@ def fit_length(examples: list[Example], seq_len: int, policy: str, stage: str) -
     return out, over
 
 
-class SftKind(TrainingKind):
-    name = "sft"
-    Spec = SftSpec
-    row_format = "messages"
-    needs_chat_template = True
-
+class SftKind(SftDefinition, TrainingKind):
     def __init__(self, ctx):
         super().__init__(ctx)
         self._tokenizer = None

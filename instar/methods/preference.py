@@ -114,3 +114,21 @@ def segment_logps(logits, batch) -> tuple:
     chosen_sum, rejected_sum = sums[:, 0::2][pairs], sums[:, 1::2][pairs]
     chosen_n, rejected_n = counts[:, 0::2][pairs], counts[:, 1::2][pairs]
     return chosen_sum, rejected_sum, chosen_n, rejected_n
+
+
+def document_logps(logits, batch) -> tuple:
+    """Summed target log-probs and target counts of every document of the batch, row by row and
+    left to right (the order of `[ex for row in rows for ex in row]`)."""
+    import torch
+
+    from instar.data.example import IGNORE
+
+    targets = batch["targets"]
+    valid = targets != IGNORE
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0] * valid
+    docs = int(batch["doc_ids"].max()) + 1
+    index = batch["doc_ids"].clamp(min=0)
+    sums = torch.zeros(targets.shape[0], docs, dtype=logp.dtype, device=logp.device).scatter_add_(1, index, logp)
+    counts = torch.zeros_like(sums).scatter_add_(1, index, valid.to(logp.dtype))
+    present = counts > 0
+    return sums[present], counts[present]

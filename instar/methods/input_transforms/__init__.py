@@ -39,7 +39,7 @@ class InputTransform:
 
 
 _REGISTRY: Registry[str] = Registry("input transform")
-_REGISTRY.register("mask_inputs")("instar.trainer.input_transforms.mask_inputs:MaskInputs")
+_REGISTRY.register("mask_inputs")("instar.methods.input_transforms.mask_inputs:MaskInputs")
 
 
 def transform_class(name: str) -> type[InputTransform]:

@@ -1,4 +1,4 @@
-"""Per-rank entry point: `python -m instar.launch.worker RUN_DIR STAGE` (started by torchrun).
+"""Per-rank entry point: `python -m instar.graph.worker RUN_DIR STAGE` (started by torchrun).
 
 Each rank logs to `<stage>/logs/rank<k>.log`; rank 0 also prints to the console. The stage is
 re-planned from the recipe recorded in `RUN_DIR/graph.json` and must have the fingerprint

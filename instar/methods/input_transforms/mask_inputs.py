@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field
 
 from instar.errors import ContractError
-from instar.trainer.input_transforms import InputTransform, TransformSpec
+from instar.methods.input_transforms import InputTransform, TransformSpec
 
 
 class MaskInputsSpec(TransformSpec):
