@@ -14,6 +14,8 @@ import importlib.util
 
 import torch
 
+from instar.models.wrapped import hf_model
+
 FLASH = "flash_attention_2"
 
 
@@ -24,14 +26,14 @@ def flash_attention_usable(device: torch.device, precision: str) -> bool:
 def select_attention(model: torch.nn.Module, device: torch.device, precision: str) -> str:
     """Switch `model` (or the HF model a DeepSpeed engine wraps) to flash-attn varlen where it
     can run; returns the implementation in use."""
-    hf = getattr(model, "module", model)
+    hf = hf_model(model)
     if flash_attention_usable(device, precision) and hf.config._attn_implementation != FLASH:
         hf.set_attn_implementation(FLASH)
     return hf.config._attn_implementation
 
 
 def uses_flash_attention(model: torch.nn.Module) -> bool:
-    return getattr(getattr(model, "module", model).config, "_attn_implementation", None) == FLASH
+    return getattr(hf_model(model).config, "_attn_implementation", None) == FLASH
 
 
 def flatten_rows(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ from instar.errors import TrainingError
 from instar.files import follow_umask
 from instar.models.export import remove_tree
 from instar.models.fp8 import amax_histories, load_amax_histories
+from instar.models.wrapped import hf_model
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
@@ -56,10 +57,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _hf_model(engine) -> torch.nn.Module:
-    return getattr(engine.model, "module", engine.model)  # a DeepSpeed engine wraps the HF model
 
 
 def _files(folder: Path) -> list[str]:
@@ -101,7 +98,7 @@ def save_checkpoint(root: Path, step: int, engine, loop_state: dict[str, Any], k
     torch.save(rng_state(), tmp / f"rng_rank{engine.rank}.pt")
     if kind_state is not None:
         torch.save(kind_state, tmp / f"kind_rank{engine.rank}.pt")
-    histories = amax_histories(_hf_model(engine))
+    histories = amax_histories(hf_model(engine.model))
     if histories:
         torch.save(histories, tmp / f"fp8_rank{engine.rank}.pt")
     if engine.rank == 0:
@@ -175,4 +172,4 @@ def load_fp8_histories(path: Path, engine) -> None:
     """Delayed FP8 scaling's amax histories of this rank, where the checkpoint has them."""
     file = path / f"fp8_rank{engine.rank}.pt"
     if file.exists():
-        load_amax_histories(_hf_model(engine), torch.load(file, weights_only=True))
+        load_amax_histories(hf_model(engine.model), torch.load(file, weights_only=True))

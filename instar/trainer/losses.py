@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from instar.data.packing import IGNORE, block_diagonal_mask
 from instar.models.attention import flatten_rows, uses_flash_attention
+from instar.models.wrapped import hf_model
 
 
 def _one_document_per_row(batch: dict[str, torch.Tensor | bool]) -> bool:
@@ -56,7 +57,7 @@ def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def forward_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The backbone's last hidden states and the LM head's weight (tied or not), without running
     the head: what the fused linear + cross-entropy takes instead of logits."""
-    hf = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
+    hf = hf_model(model)
     hidden = hf.model(**_model_inputs(hf, batch), use_cache=False).last_hidden_state
     return hidden.view(*batch["input_ids"].shape, -1), hf.get_output_embeddings().weight
 
@@ -66,7 +67,7 @@ def causal_lm_loss(model, batch: dict[str, torch.Tensor], n_targets: int) -> tup
     (all target tokens of the optimizer step), so accumulation weighs every token equally."""
     from instar.models.swaps import uses_fused_ce
 
-    if uses_fused_ce(getattr(model, "module", model)):
+    if uses_fused_ce(hf_model(model)):
         from instar.kernels.fused_ce import linear_cross_entropy
 
         hidden, head = forward_hidden(model, batch)

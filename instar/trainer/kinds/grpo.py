@@ -24,6 +24,7 @@ from instar.data.example import IGNORE, Example
 from instar.errors import DataError
 from instar.kinds.grpo import GrpoDefinition
 from instar.methods.rl import LOSS_TYPES
+from instar.models.wrapped import hf_model
 from instar.trainer.kinds.base import StepWork, TrainingKind
 from instar.trainer.kinds.reference import load_reference_model
 
@@ -271,7 +272,7 @@ def shares_prompts(model, batch: dict, group_size: int) -> bool:
 
     if "prompt_lens" not in batch or "completion_lens" not in batch or batch["input_ids"].shape[0] % group_size:
         return False
-    hf = getattr(model, "module", model)
+    hf = hf_model(model)
     params = inspect.signature(hf.forward).parameters
     # A walk over the modules per micro-batch: microseconds next to the forward it saves.
     return ("logits_to_keep" in params and ("cache" in params or "past_key_values" in params)
@@ -300,7 +301,7 @@ def shared_prompt_logps(model, batch: dict, group_size: int, temperature: float)
 
     from instar.methods.rl import token_logps
 
-    hf = getattr(model, "module", model)
+    hf = hf_model(model)
     cache_name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     ids = batch["input_ids"]
     rows, width = ids.shape

@@ -22,9 +22,8 @@ class MergeKind(MergeDefinition, StageKind):
         from instar.eval.runner import Evaluator
         from instar.merge.ops import check_compatible, task_arithmetic, weighted_average
         from instar.models.build import load_pretrained
-        from instar.models.export import write_artifact
+        from instar.trainer.finish import finish_stage
         from instar.trainer.jsonl_log import JsonlLog
-        from instar.trainer.loop import artifact_meta
         from instar.trainer.setup import stage_tokenizer
 
         ctx, spec = self.ctx, self.ctx.spec
@@ -44,11 +43,6 @@ class MergeKind(MergeDefinition, StageKind):
         model.load_state_dict(merged)
         final: dict[str, Any] = {"steps": 0, "merge_seconds": round(time.perf_counter() - t0, 2)}
         evaluator = Evaluator(ctx.spec.eval, tokenizer, ctx.loaded.base_dir, ctx.run_dir)
-        if evaluator.enabled:
-            record = evaluator(model, 0)
-            log = JsonlLog(ctx.stage_dir / "eval.jsonl")
-            log.reset()
-            log.write(record)
-            final.update({k: v for k, v in record.items() if k.startswith("exact_match/")})
-        write_artifact(ctx.model_dir, model, tokenizer, artifact_meta(ctx, final))
-        return final
+        eval_log = JsonlLog(ctx.stage_dir / "eval.jsonl")
+        eval_log.reset()
+        return finish_stage(ctx, model, tokenizer, final, evaluator, 0, eval_log)
