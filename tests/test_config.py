@@ -105,3 +105,19 @@ def test_zero3_recipe_is_the_tiny_pipeline_on_two_ranks():
         assert a.train.micro_batch_size * a.train.grad_accum == b.train.micro_batch_size * b.train.grad_accum * 2
         assert a.model_dump(exclude={"distributed", "train"}) == b.model_dump(exclude={"distributed", "train"})
         assert a.train.model_dump(exclude={"micro_batch_size"}) == b.train.model_dump(exclude={"micro_batch_size"})
+
+
+def test_every_precision_has_one_policy():
+    """`precision:` names are the schema's; what each means lives in one policy object."""
+    from typing import get_args
+
+    import torch
+
+    from instar.config.precision import POLICIES
+    from instar.config.schema import Precision
+
+    assert set(get_args(Precision)) == set(POLICIES)
+    assert [p for p, pol in POLICIES.items() if pol.autocast] == ["bf16", "fp8"]
+    assert {p: pol.collage for p, pol in POLICIES.items() if pol.bf16_params} == {
+        "bf16-pure": None, "collage-light": "light", "collage-plus": "plus"}
+    assert {p for p, pol in POLICIES.items() if pol.compute_dtype == torch.float32} == {"fp32"}

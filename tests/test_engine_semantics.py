@@ -118,7 +118,7 @@ def _play(engine, out: Path) -> dict:
 def _play_single(path: Path, out: Path) -> dict:
     from instar.trainer.single_engine import SingleEngine
 
-    found = _play(SingleEngine(_model(), _spec(path), "pretrain"), out)
+    found = _play(SingleEngine(_model(), _spec(path), stage="pretrain"), out)
     assert found["dtypes"]["Linear"] == "torch.bfloat16"  # q/k/v/o, MLP and LM head: under bf16 autocast
     assert found["weight_dtype"] == "torch.float32" and found["refused_step_kept_state"]
     assert found["applied"] == ALLOW

@@ -138,7 +138,7 @@ def test_ops_outside_fp8_linears_run_in_the_single_engines_dtype(tmp_path: Path)
     from instar.trainer.single_engine import SingleEngine
 
     path = write_recipe(tmp_path, _recipe())
-    single = _probe(SingleEngine(_model(_spec(path)), _spec(path), "pretrain"))
+    single = _probe(SingleEngine(_model(_spec(path)), _spec(path), stage="pretrain"))
     assert single["Linear"] == "torch.bfloat16"  # the LM head, under bf16 autocast
     assert single["Float8Linear"] == "torch.bfloat16" and single["fp8_gemms"] == 7 * 3
     _torchrun(["-m", "tests.test_fp8_zero", str(path), str(tmp_path / "zero2.json")], REPO)

@@ -85,7 +85,7 @@ def test_kto_equals_trl_end_to_end(tmp_path, loss, per_row):
     ours = [{"prompt": p, "completion": c, "label": label} for p, c, label in FEEDBACK]
     (examples,), _ = kind.build_sources(TOK, [ours])
     kind._reference = reference
-    engine = SingleEngine(policy, spec, "kto")
+    engine = SingleEngine(policy, spec, stage="kto")
     grouped = [examples[i:i + per_row] for i in range(0, len(examples), per_row)]
     batcher = SimpleNamespace(collate=lambda r: collate_rows(r, TOK.pad_token_id,
                                                              max(sum(len(e.input_ids) for e in row) for row in r)))

@@ -14,13 +14,15 @@ import importlib.util
 
 import torch
 
+from instar.config.precision import precision_policy
 from instar.models.wrapped import hf_model
 
 FLASH = "flash_attention_2"
 
 
 def flash_attention_usable(device: torch.device, precision: str) -> bool:
-    return device.type == "cuda" and precision != "fp32" and importlib.util.find_spec("flash_attn") is not None
+    return (device.type == "cuda" and precision_policy(precision).compute_dtype == torch.bfloat16
+            and importlib.util.find_spec("flash_attn") is not None)
 
 
 def select_attention(model: torch.nn.Module, device: torch.device, precision: str) -> str:

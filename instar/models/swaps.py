@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from instar.config.precision import precision_policy
 from instar.errors import RecipeError
 
 # RMSNorms computing exactly `weight * (x * rsqrt(mean(x²) + eps)).to(dtype)`. Gemma's (1 + weight)
@@ -63,7 +64,7 @@ def apply_swaps(model: torch.nn.Module, spec, stage: str, causal_lm_loss: bool) 
 
             say(f"[{stage}] kernels.fused_ce: a {spec.kind} stage computes its loss from logits, not next-token "
                 f"cross-entropy; the fused linear + cross-entropy does not apply and is not used")
-    if spec.precision == "fp8":
+    if precision_policy(spec.precision).fp8:
         from instar.models.fp8 import convert_to_float8
 
         done["fp8_linears"] = convert_to_float8(model, spec.fp8, stage)

@@ -11,7 +11,7 @@ from typing import Any
 
 from instar.errors import RecipeError
 from instar.trainer.batch import BatchLayout
-from instar.trainer.optim import AUTOCAST, BF16_PARAMS
+from instar.config.precision import precision_policy
 
 # Top-level sections DeepSpeed reads besides the scalar keys in deepspeed.runtime.constants.
 _SECTIONS = {
@@ -50,7 +50,7 @@ def _bf16_section(precision: str, zero_stage: int) -> dict[str, Any]:
     partition with a bf16 gradient (either flag alone asserts). Stage 0 refuses the flags
     ("only supported with ZeRO Stage 1, 2, or 3") and with bf16 enabled swaps fp32 masters into
     the optimizer, so there bf16 stays off and the engine casts the module to bf16 itself."""
-    if precision in BF16_PARAMS:
+    if precision_policy(precision).bf16_params:
         if zero_stage == 0:
             return {"enabled": False}
         return {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
@@ -87,7 +87,7 @@ def generate(spec, layout: BatchLayout) -> dict[str, Any]:
         "gradient_clipping": float(spec.train.max_grad_norm or 0.0) if dist.zero_stage > 0 else 0.0,
         "zero_optimization": zero,
         "bf16": _bf16_section(spec.precision, dist.zero_stage),
-        **({"torch_autocast": _torch_autocast_section()} if spec.precision in AUTOCAST else {}),
+        **({"torch_autocast": _torch_autocast_section()} if precision_policy(spec.precision).autocast else {}),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -131,7 +131,7 @@ def deepspeed_config(spec, layout: BatchLayout, stage: str) -> dict[str, Any]:
     _check_keys(raw, stage)
     config = _merge(generate(spec, layout), raw, "", stage)
     accum = str((config.get("data_types") or {}).get("grad_accum_dtype", "")).lower()
-    if spec.precision in BF16_PARAMS and accum in ("fp32", "float32", "float", "torch.float32"):
+    if precision_policy(spec.precision).bf16_params and accum in ("fp32", "float32", "float", "torch.float32"):
         raise RecipeError(
             f"stages.{stage}.distributed.deepspeed_config.data_types.grad_accum_dtype={accum!r} with precision "
             f"{spec.precision!r}: DeepSpeed then keeps fp32 master partitions (its BF16_Optimizer) and ignores "

@@ -22,7 +22,8 @@ from instar.errors import ContractError, RecipeError
 from instar.trainer.engine import Engine
 from instar.trainer.collage_optim import CollageAdamW, descent_metrics, state_bytes
 from instar.trainer.single_engine import load_weights
-from instar.trainer.optim import AUTOCAST, build_optimizer, param_dtype, param_groups
+from instar.config.precision import precision_policy
+from instar.trainer.optim import build_optimizer, param_groups
 
 TAG = "state"  # one DeepSpeed tag per instar checkpoint folder
 
@@ -91,16 +92,16 @@ class DeepSpeedEngine(Engine):
 
         init_distributed()
         self.zero_stage = spec.distributed.zero_stage
-        self.precision = spec.precision
+        self.precision = precision_policy(spec.precision)
         self.layout = layout
         self.config = deepspeed_config(spec, layout, stage)
         # bf16-pure / Collage: bf16 parameters and no fp32 copy (DeepSpeed would cast at ZeRO 1-3
         # anyway; at stage 0 its bf16 mode is off, see deepspeed_config._bf16_section).
-        model = model.to(param_dtype(spec.precision))
+        model = model.to(self.precision.param_dtype)
         groups = param_groups(model, spec.optimizer.weight_decay)
         # ZeRO 1-3 clip and skip non-finite steps themselves, on their own partitions; at stage 0
         # instar's guarded optimizer does.
-        optimizer = build_optimizer(groups, spec.precision, spec.optimizer, guarded=self.zero_stage == 0,
+        optimizer = build_optimizer(groups, self.precision, spec.optimizer, guarded=self.zero_stage == 0,
                                     max_grad_norm=spec.train.max_grad_norm)
         self._client_optimizer = optimizer
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
@@ -115,7 +116,7 @@ class DeepSpeedEngine(Engine):
         assert self.world_size == layout.world_size, (self.world_size, layout.world_size)
 
     def autocast(self):
-        if self.precision in AUTOCAST:  # as the single engine: fp32 weights, the forward under bf16 autocast
+        if self.precision.autocast:  # as the single engine: fp32 weights, the forward under bf16 autocast
             # (DeepSpeed's forward keeps it on only because the config's torch_autocast section is on)
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()

@@ -116,7 +116,6 @@ def engine_class(name: str) -> type[Engine]:
 
 
 def build_engine(model: torch.nn.Module, spec, layout, stage: str) -> Engine:
-    """The engine the stage's `distributed.engine` names."""
-    if spec.distributed.engine == "single":
-        return engine_class("single")(model, spec, stage)
-    return engine_class("deepspeed")(model, spec, layout, stage)
+    """The engine the stage's `distributed.engine` names; every engine takes (model, resolved stage
+    spec, batch layout, stage name)."""
+    return engine_class(spec.distributed.engine)(model, spec, layout, stage)

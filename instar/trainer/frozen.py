@@ -8,11 +8,7 @@ import copy
 
 import torch
 
-
-def compute_dtype(precision: str) -> torch.dtype:
-    """The dtype the stage's forward computes in: bf16 for every precision but fp32 (bf16 autocast,
-    bf16 parameters, FP8 linears under bf16 autocast)."""
-    return torch.float32 if precision == "fp32" else torch.bfloat16
+from instar.config.precision import precision_policy
 
 
 def inference_config(train_config: dict, dtype: torch.dtype) -> dict:
@@ -34,7 +30,7 @@ def freeze(model: torch.nn.Module, engine, precision: str) -> torch.nn.Module:
     a collective: every rank must call it as often as the others), else a copy on the engine's
     device. Never a submodule of the policy nor part of its engine."""
     model.requires_grad_(False)
-    dtype = compute_dtype(precision)
+    dtype = precision_policy(precision).compute_dtype
     if getattr(engine, "zero_stage", 0) != 3:
         return model.to(engine.device, dtype).eval()
     import deepspeed

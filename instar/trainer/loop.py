@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from instar.console import StageProgress, say
+from instar.config.precision import precision_policy
 from instar.data.formats import ROW_FORMATS
 from instar.data.jsonl import read_rows
 from instar.data.packing import Batcher
@@ -109,7 +110,7 @@ def setup(ctx: StageContext, kind) -> StageRun:
     model = stage_model(ctx, tokenizer, kind.causal_lm_loss)
     # Counted before the engine: ZeRO-3 partitions the parameters (their numel drops to 0).
     on_gpu = spec.distributed.device != "cpu" and torch.cuda.is_available()
-    mfu = MfuMeter(model, train.seq_len, ctx.world_size, spec.precision == "fp8",
+    mfu = MfuMeter(model, train.seq_len, ctx.world_size, precision_policy(spec.precision).fp8,
                    cuda_device_name() if on_gpu else None)
     if mfu.note:
         say(f"[{ctx.name}] {mfu.note}", quiet)
@@ -226,7 +227,7 @@ def train_stage(ctx: StageContext, kind) -> dict[str, Any]:
                             config=spec.model_dump(mode="json"), fingerprint=ctx.fingerprint)
     evaluate = PeriodicEval(run, mirrors)
     kind.on_train_start(state.step)
-    fp8_check = Fp8GemmCheck(spec.precision == "fp8", ctx.name)  # fails a step that ran no FP8 GEMM
+    fp8_check = Fp8GemmCheck(precision_policy(spec.precision).fp8, ctx.name)  # fails a step that ran no FP8 GEMM
     progress = StageProgress(ctx.name, train.steps, start=state.step, every=train.log_every, quiet=run.quiet)
     recent_losses: list[float] = []
     t_start = time.perf_counter()

@@ -6,18 +6,9 @@ import math
 
 import torch
 
+from instar.config.precision import PrecisionPolicy
 from instar.config.schema import OptimizerConfig
 from instar.trainer.collage_optim import CollageAdamW
-
-# Precisions whose parameters are bf16 with no fp32 copy: the optimizer updates them directly.
-BF16_PARAMS = {"bf16-pure": None, "collage-light": "light", "collage-plus": "plus"}
-# Precisions that keep fp32 weights and gradients and run the forward under bf16 autocast, on every engine.
-AUTOCAST = ("bf16", "fp8")
-
-
-def param_dtype(precision: str) -> torch.dtype:
-    """The dtype the model's parameters are held in for `precision`."""
-    return torch.bfloat16 if precision in BF16_PARAMS else torch.float32
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -62,10 +53,10 @@ class GuardedCollageAdamW(GradientGuard, CollageAdamW):
         self._init_guard(max_grad_norm)
 
 
-def build_optimizer(groups: list[dict], precision: str, cfg: OptimizerConfig, guarded: bool,
+def build_optimizer(groups: list[dict], precision: PrecisionPolicy, cfg: OptimizerConfig, guarded: bool,
                     max_grad_norm: float | None) -> torch.optim.Optimizer:
     """Collage AdamW for collage-*, torch AdamW otherwise; `guarded` adds clip-and-skip."""
-    variant = BF16_PARAMS.get(precision)
+    variant = precision.collage
     if variant is not None:
         if guarded:
             return GuardedCollageAdamW(groups, cfg, max_grad_norm, variant)

@@ -32,11 +32,11 @@ def pairs_hash(examples: list) -> str:
 def cache_path(ctx, reference: str, examples: list) -> Path:
     """Keyed by the reference's fingerprint, the pairs and the dtype the reference computes in (a
     bf16 stage's values are not an fp32 stage's)."""
-    from instar.trainer.frozen import compute_dtype
+    from instar.config.precision import precision_policy
 
     meta = read_meta(ctx.parent_model_dir(reference)) or {}
     key = json.dumps({"reference": meta.get("fingerprint"), "pairs": pairs_hash(examples),
-                      "dtype": str(compute_dtype(ctx.spec.precision))}, sort_keys=True)
+                      "dtype": str(precision_policy(ctx.spec.precision).compute_dtype)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return ctx.stage_dir / "reference_logps" / f"{reference}-{digest}.pt"
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from instar.errors import ContractError
 from instar.trainer.engine import Engine, resolve_device
 from instar.trainer.collage_optim import CollageAdamW, descent_metrics, state_bytes
-from instar.trainer.optim import AUTOCAST, build_optimizer, param_dtype, param_groups
+from instar.config.precision import precision_policy
+from instar.trainer.optim import build_optimizer, param_groups
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -57,17 +58,18 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
 class SingleEngine(Engine):
     name = "single"
 
-    def __init__(self, model: torch.nn.Module, spec, stage: str = "?"):
+    def __init__(self, model: torch.nn.Module, spec, layout=None, stage: str = "?"):
+        # `layout` (the batch arithmetic) is DeepSpeed's business; one process only accumulates.
         self.device = resolve_device(spec.distributed.device, stage)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.model = model.to(self.device, param_dtype(spec.precision))
-        self.precision = spec.precision
-        self.optimizer = build_optimizer(param_groups(model, spec.optimizer.weight_decay), spec.precision,
+        self.precision = precision_policy(spec.precision)
+        self.model = model.to(self.device, self.precision.param_dtype)
+        self.optimizer = build_optimizer(param_groups(model, spec.optimizer.weight_decay), self.precision,
                                          spec.optimizer, guarded=True, max_grad_norm=spec.train.max_grad_norm)
 
     def autocast(self):
-        if self.precision in AUTOCAST:  # fp8: FP8 linears, everything else in bf16
+        if self.precision.autocast:  # fp8: FP8 linears, everything else in bf16
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
