@@ -23,7 +23,7 @@ COMMAND = "python -m tests.golden_losses --write  (or: make golden)"
 # a real change of packing, masking or normalisation moves the losses by far more.
 REL, ABS = 1e-4, 1e-6
 
-# One chain, fp32, one process, no eval and no checkpoints: pretrain -> cpt -> sft -> {dpo, grpo}.
+# One chain, fp32, one process, no eval and no checkpoints: pretrain -> cpt -> sft -> {dpo, kto, grpo}.
 # Rows of several documents (packing, block-diagonal mask, restarting positions) and grad_accum 2
 # (the step's target count normalises every micro-batch) are in every language-model stage.
 RECIPE = {
@@ -48,6 +48,9 @@ RECIPE = {
         "sft": {"kind": "sft", "after": ["cpt"], "data": {"generate": {"split": "sft", "rows": 100}}},
         "dpo": {"kind": "dpo", "after": ["sft"], "loss": "sigmoid", "beta": 0.1,
                 "data": {"generate": {"split": "dpo", "rows": 32}}},
+        # A reference other than the parent: KTO's KL estimate z is then above its floor of 0.
+        "kto": {"kind": "kto", "after": ["sft"], "beta": 0.5, "reference": "cpt",
+                "data": {"generate": {"split": "dpo", "rows": 16}}},
         "grpo": {"kind": "grpo", "after": ["sft"], "beta": 0.04, "group_size": 4, "max_new_tokens": 6,
                  "rewards": [{"fn": "tests.grpo_rewards:ones"}],
                  "data": {"generate": {"split": "prompts", "rows": 32}},
@@ -60,6 +63,7 @@ FIELDS = {
     "cpt": ("loss", "grad_norm", "tokens"),
     "sft": ("loss", "grad_norm", "tokens"),
     "dpo": ("loss", "grad_norm", "rewards/margin", "rewards/accuracy"),
+    "kto": ("loss", "grad_norm", "kl", "rewards/chosen", "rewards/rejected"),
     "grpo": ("loss", "grad_norm", "reward/mean", "kl"),
 }
 KINDS = tuple(FIELDS)
