@@ -56,7 +56,7 @@ def time_loader(sources, seq_len: int, global_batch: int, seconds: float) -> tup
         rows = batcher.next_rows(global_batch)
         batch = batcher.collate(rows)
         tokens += count_tokens(rows)  # not a torch reduction over the batch: that is slower than the loading
-        slots += batch["doc_ids"].numel()
+        slots += batch.doc_ids.numel()
     return tokens / dt, tokens / slots
 
 

@@ -70,7 +70,11 @@ def recipe_path(tmp_path: Path) -> Path:
     return write_recipe(tmp_path, TINY)
 
 
-def same_batch(a: dict, b: dict) -> bool:
+def same_batch(a, b) -> bool:
     """Equal collated batches: their tensors, and collate_rows' one_document_per_row flag."""
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
-                                        for k in a)
+    import dataclasses
+
+    if type(a) is not type(b):
+        return False
+    pairs = [(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)]
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in pairs)

@@ -10,7 +10,6 @@ from instar.data.sampler import EpochSampler, MixtureSampler
 from instar.data.tokenizer import build_char_tokenizer
 from instar.errors import DataError
 from instar.models.build import model_from_config
-from instar.trainer.engine import to_device
 from tests.conftest import same_batch
 from instar.data.chat import chat_examples
 from instar.trainer.losses import forward_logits
@@ -97,12 +96,12 @@ def test_batcher_state_includes_the_waiting_example():
 @pytest.mark.parametrize("rows, one", [([[3], [5], [2]], True), ([[3], [2, 4]], False), ([[3], []], False),
                                        ([[64], [1]], True)])
 def test_collate_decides_on_the_host_whether_rows_need_the_mask(rows, one):
-    """The flag the loss uses instead of a device sync is the device predicate it replaced."""
-    from instar.trainer.losses import _one_document_per_row
-
+    """The flag the loss uses instead of a device sync is the device predicate it replaced: every
+    row's doc ids start at 0 and never rise (-1 is padding)."""
     batch = collate_rows([[causal_example(list(range(1, n + 1))) for n in row] for row in rows], 0, 64)
-    assert batch["one_document_per_row"] is one
-    assert _one_document_per_row({"doc_ids": batch["doc_ids"]}) is one
+    doc_ids = batch.doc_ids
+    assert batch.one_document_per_row is one
+    assert bool(((doc_ids[:, 0] == 0).all() & (doc_ids[:, 1:] <= doc_ids[:, :-1]).all())) is one
 
 
 def test_causal_example_masks_and_shifts():
@@ -152,7 +151,7 @@ def test_flattened_rows_give_flash_attention_every_document_boundary():
     per_row, batch = _packed_conversations(build_char_tokenizer(), rows=2)
     input_ids, position_ids = flatten_rows(batch)
     assert input_ids.shape == position_ids.shape == (1, 2 * 48)
-    assert torch.equal(input_ids.view(2, 48), batch["input_ids"])
+    assert torch.equal(input_ids.view(2, 48), batch.input_ids)
     assert _is_packed_sequence(position_ids, batch_size=1)
     (cu_seqlens, _), _ = prepare_fa_kwargs_from_position_ids(position_ids)
     expected, start = [], 0
@@ -179,12 +178,12 @@ def test_packed_batch_equals_one_by_one_with_flash_attention():
     assert select_attention(model, torch.device("cuda"), "bf16-pure") == FLASH
     per_row, batch = _packed_conversations(tok, rows=2)
     with torch.no_grad():
-        logits = forward_logits(model, to_device(batch, torch.device("cuda")))
+        logits = forward_logits(model, batch.to(torch.device("cuda")))
         for r, row in enumerate(per_row):
             offset = 0
             for ex in row:
                 alone = collate_rows([[ex]], tok.pad_token_id, len(ex.input_ids))
-                want = forward_logits(model, {k: v.cuda() for k, v in alone.items()})[0]
+                want = forward_logits(model, alone.to(torch.device("cuda")))[0]
                 n = len(ex.input_ids)
                 torch.testing.assert_close(logits[r, offset:offset + n].float(), want.float(), atol=2e-2, rtol=2e-2)
                 offset += n

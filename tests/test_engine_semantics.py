@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from instar.config.load import load_recipe
 from instar.config.resolve import resolve_stage
+from instar.data.batch import Batch
 from instar.trainer.batch import batch_layout
 from instar.trainer.losses import causal_lm_loss
 from tests.conftest import tiny_recipe, write_recipe
@@ -50,10 +51,9 @@ def _model():
     return model_from_config(tiny_recipe()["model"]["config"], build_char_tokenizer(), seed=0)
 
 
-def _batch(step: int, rows: slice, vocab: int) -> dict[str, torch.Tensor]:
+def _batch(step: int, rows: slice, vocab: int) -> Batch:
     ids = torch.randint(0, vocab, (8, 64), generator=torch.Generator().manual_seed(step))[rows]
-    return {"input_ids": ids, "position_ids": torch.arange(64).expand(len(ids), -1),
-            "doc_ids": torch.zeros_like(ids), "targets": torch.roll(ids, -1, 1)}
+    return Batch(ids, torch.roll(ids, -1, 1), torch.arange(64).expand(len(ids), -1), torch.zeros_like(ids), True)
 
 
 def _optimizer_state(engine) -> list[torch.Tensor]:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from instar.config.load import load_recipe
 from instar.config.resolve import resolve_stage
+from instar.data.batch import Batch
 from instar.graph.runner import run_recipe
 from instar.kernels.fp8.linear import GEMMS
 from instar.trainer.batch import batch_layout
@@ -119,8 +120,7 @@ def _probe(engine) -> dict[str, str | int]:
     hooks = [m.register_forward_hook(record) for m in model.modules()]
     torch.manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (4, 64))
-    batch = {"input_ids": ids, "position_ids": torch.arange(64).expand(4, -1), "doc_ids": torch.zeros_like(ids),
-             "targets": torch.roll(ids, -1, 1)}
+    batch = Batch(ids, torch.roll(ids, -1, 1), torch.arange(64).expand(4, -1), torch.zeros_like(ids), True)
     before = GEMMS.total
     with engine.autocast():
         loss, _ = causal_lm_loss(engine.model, batch, ids.numel())

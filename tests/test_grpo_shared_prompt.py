@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from instar.data.example import IGNORE, Example
 from instar.data.packing import collate_rows
-from instar.trainer.kinds.grpo import shared_prompt_logps, shares_prompts
+from instar.trainer.kinds.grpo import RolloutBatch, shared_prompt_logps, shares_prompts
 from instar.trainer.losses import forward_logits
 from instar.methods.rl import token_logps
 
@@ -37,9 +37,7 @@ def _batch(prompt_lens, completion_lens, group, seed=0):
         sequences.append(Example(prompt + ids, [IGNORE] * (len(prompt) - 1) + ids + [IGNORE]))
         plens.append(len(prompt))
     batch = collate_rows([[s] for s in sequences], 0, max(len(s.input_ids) for s in sequences))
-    batch["prompt_lens"] = torch.tensor(plens)
-    batch["completion_lens"] = torch.tensor(completion_lens)
-    return batch
+    return batch.extend(RolloutBatch, prompt_lens=torch.tensor(plens), completion_lens=torch.tensor(completion_lens))
 
 
 CASES = {
@@ -56,16 +54,16 @@ def test_shared_prompt_logps_and_grads_equal_whole_rows(case, tie):
     model = _model(tie)
     batch = _batch(prompt_lens, completion_lens, group)
     assert shares_prompts(model, batch, group)
-    weights = torch.randn(batch["input_ids"].shape, generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(batch.input_ids.shape, generator=torch.Generator().manual_seed(3))
     params = [p for p in model.parameters() if p.requires_grad]
 
-    whole = token_logps(forward_logits(model, batch), batch["targets"], 0.7)
+    whole = token_logps(forward_logits(model, batch), batch.targets, 0.7)
     whole_grads = torch.autograd.grad((whole * weights).sum(), params)
     shared = shared_prompt_logps(model, batch, group, 0.7)
     shared_grads = torch.autograd.grad((shared * weights).sum(), params)
 
     assert shared.shape == whole.shape
-    assert torch.equal(shared != 0, batch["targets"] != IGNORE)
+    assert torch.equal(shared != 0, batch.targets != IGNORE)
     torch.testing.assert_close(shared, whole, atol=1e-5, rtol=0)
     for mine, want in zip(shared_grads, whole_grads, strict=True):
         torch.testing.assert_close(mine, want, atol=1e-5, rtol=1e-4)
@@ -76,7 +74,7 @@ def test_shared_prompt_under_bf16_autocast():
     model = _model(True)
     batch = _batch(prompt_lens, completion_lens, group)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        whole = token_logps(forward_logits(model, batch), batch["targets"])
+        whole = token_logps(forward_logits(model, batch), batch.targets)
         shared = shared_prompt_logps(model, batch, group, 1.0)
     torch.testing.assert_close(shared, whole, atol=0.1, rtol=0.02)
 
@@ -86,7 +84,7 @@ def test_what_does_not_share_prompts():
     batch = _batch([6, 6], [3, 3, 3, 3], 2)
     assert shares_prompts(model, batch, 2)
     assert not shares_prompts(model, batch, 3)  # rows are not whole groups
-    assert not shares_prompts(model, {k: v for k, v in batch.items() if k != "prompt_lens"}, 2)  # old checkpoint
+    assert not shares_prompts(model, batch.replace(prompt_lens=None), 2)  # a rollout without prompt lengths
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
     assert not shares_prompts(model, batch, 2)

@@ -36,25 +36,25 @@ def _mask(rate: float, ramp: float = 0.0, total: int = 10):
 def test_only_learnt_inputs_are_masked_and_targets_stay():
     batch = _batch()
     out = _mask(1.0)(batch, step=3, first_row=0)
-    learnt = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-    learnt[:, 1:] = batch["targets"][:, :-1] != IGNORE
+    learnt = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+    learnt[:, 1:] = batch.targets[:, :-1] != IGNORE
     assert learnt.any()
-    assert torch.equal(out["input_ids"][learnt], torch.full((int(learnt.sum()),), TOK.pad_token_id))
-    assert torch.equal(out["input_ids"][~learnt], batch["input_ids"][~learnt])  # the prompt is never touched
+    assert torch.equal(out.input_ids[learnt], torch.full((int(learnt.sum()),), TOK.pad_token_id))
+    assert torch.equal(out.input_ids[~learnt], batch.input_ids[~learnt])  # the prompt is never touched
     for key in ("targets", "position_ids", "doc_ids"):
-        assert torch.equal(out[key], batch[key])
-    half = _mask(0.5)(batch, step=3, first_row=0)["input_ids"]
-    changed = (half != batch["input_ids"]) & learnt
+        assert torch.equal(getattr(out, key), getattr(batch, key))
+    half = _mask(0.5)(batch, step=3, first_row=0).input_ids
+    changed = (half != batch.input_ids) & learnt
     assert 0 < int(changed.sum()) < int(learnt.sum())
 
 
 def test_rows_are_masked_by_their_global_index_and_the_rate_ramps():
     batch, mask = _batch(), _mask(0.5)
-    whole = mask(batch, step=2, first_row=0)["input_ids"]
-    top = mask({k: v[:3] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}, 2, 0)["input_ids"]
-    bottom = mask({k: v[3:] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}, 2, 3)["input_ids"]
+    whole = mask(batch, step=2, first_row=0).input_ids
+    top = mask(batch.rows(slice(0, 3)), 2, 0).input_ids
+    bottom = mask(batch.rows(slice(3, None)), 2, 3).input_ids
     assert torch.equal(torch.cat([top, bottom]), whole)  # rank 0 and rank 1's halves = one process
-    assert not torch.equal(mask(batch, step=3, first_row=0)["input_ids"], whole)  # new draws each step
+    assert not torch.equal(mask(batch, step=3, first_row=0).input_ids, whole)  # new draws each step
     ramped = _mask(0.4, ramp=0.5, total=10)
     assert [ramped.rate_at(s) for s in (0, 1, 5, 9)] == pytest.approx([0.0, 0.08, 0.4, 0.4])
 

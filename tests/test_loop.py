@@ -104,8 +104,8 @@ def test_single_document_rows_use_plain_causal_attention(tmp_path: Path):
     batcher = Batcher([docs], MixtureSampler([EpochSampler(4, seed=0)], [1.0], seed=0), 64, True, tok.pad_token_id)
     batch = batcher.next_batch(2)
     assert attention_mask(model, batch) is None
-    masked = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                   attention_mask=block_diagonal_mask(batch["doc_ids"], torch.float32)).logits
+    masked = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                   attention_mask=block_diagonal_mask(batch.doc_ids, torch.float32)).logits
     torch.testing.assert_close(forward_logits(model, batch), masked, atol=1e-5, rtol=1e-5)
 
     # Right padding after one document: the same at every real token; two documents need the mask.
@@ -114,8 +114,8 @@ def test_single_document_rows_use_plain_causal_attention(tmp_path: Path):
                      tok.pad_token_id)
     batch = padded.collate([[short], [docs[0].truncated(64)]])
     assert attention_mask(model, batch) is None
-    real = batch["doc_ids"] >= 0
-    masked = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                   attention_mask=block_diagonal_mask(batch["doc_ids"], torch.float32)).logits
+    real = batch.doc_ids >= 0
+    masked = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                   attention_mask=block_diagonal_mask(batch.doc_ids, torch.float32)).logits
     torch.testing.assert_close(forward_logits(model, batch)[real], masked[real], atol=1e-5, rtol=1e-5)
     assert attention_mask(model, batcher.collate([[short, short]])) is not None

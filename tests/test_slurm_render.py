@@ -22,7 +22,9 @@ from instar.graph.runner import run_recipe, save_run_files
 from instar.launch.preempt import PREEMPTED_EXIT
 from tests.conftest import tiny_recipe, write_recipe
 
-HOSTILE = "it's a b"  # a quote and a space: any YAML key is a stage name
+# A quote and a space in the run's folder (stage names are plain folder names, checked on load; the
+# output directory is any path a user gives): every path must reach bash and the worker quoted.
+HOSTILE = "it's a b"
 
 
 def _cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -32,10 +34,8 @@ def _cli(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Comp
 
 def _fan_in_recipe(folder: Path) -> Path:
     recipe = tiny_recipe()
-    stages = recipe["stages"]
-    stages[HOSTILE] = stages.pop("sft_steps")
-    stages["merged"]["after"] = ["sft", HOSTILE]
-    stages["pretrain"]["distributed"] = {"engine": "deepspeed", "nproc_per_node": 2}
+    recipe["run"]["output_dir"] = str(folder / HOSTILE / "runs")
+    recipe["stages"]["pretrain"]["distributed"] = {"engine": "deepspeed", "nproc_per_node": 2}
     return write_recipe(folder, recipe)
 
 
@@ -61,7 +61,7 @@ def test_dry_run_prints_one_quoted_script_per_stage_and_chained_sbatch_calls(tmp
     assert done.returncode == 0, done.stderr
     scripts = _scripts(done.stdout)
     assert len(scripts) == 5
-    run_dir = (tmp_path / "runs" / "t").resolve()
+    run_dir = (tmp_path / HOSTILE / "runs" / "t").resolve()
     assert not (run_dir / "slurm").exists(), "a dry run queues and writes nothing"
     for name, text in scripts.items():
         assert name.startswith(str(run_dir / "slurm")) and name.endswith(".sbatch")
@@ -75,16 +75,16 @@ def test_dry_run_prints_one_quoted_script_per_stage_and_chained_sbatch_calls(tmp
     assert "torch.distributed.run" in srun and "--nproc-per-node=2" in srun and "--rdzv-backend=c10d" in srun
     assert '--rdzv-id="$SLURM_JOB_ID"' in srun and '--nnodes="$SLURM_NNODES"' in srun
     assert "trap 'scancel --signal=USR2 \"$SLURM_JOB_ID\"' USR2" in pretrain
-    # The hostile name reaches the worker as one argument, whatever it holds.
-    hostile = next(t for n, t in scripts.items() if "it_s_a_b" in n)
-    srun = next(line for line in hostile.splitlines() if line.startswith("srun "))
+    # The hostile run folder reaches the worker as one argument, whatever it holds.
+    single = scripts[str(run_dir / "slurm" / "sft_steps.sbatch")]
+    srun = next(line for line in single.splitlines() if line.startswith("srun "))
     words = shlex.split(srun.rstrip(" &"))
-    assert words[-2:] == [str(run_dir), HOSTILE] and "torch.distributed.run" not in srun
+    assert words[-2:] == [str(run_dir), "sft_steps"] and "torch.distributed.run" not in srun
     # Every sbatch call, in topological order; the fan-in waits for both parents.
     calls = [line for line in done.stdout.splitlines() if line.startswith("JOB_")]
-    assert [c.split("=", 1)[0] for c in calls] == ["JOB_pretrain", "JOB_cpt", "JOB_sft", "JOB_it_s_a_b_c8cbca",
+    assert [c.split("=", 1)[0] for c in calls] == ["JOB_pretrain", "JOB_cpt", "JOB_sft", "JOB_sft_steps",
                                                     "JOB_merged"]
-    assert "--dependency=afterok:$JOB_sft:$JOB_it_s_a_b_c8cbca " in calls[-1]
+    assert "--dependency=afterok:$JOB_sft:$JOB_sft_steps " in calls[-1]
     assert "--dependency" not in calls[0]
     transcript = "\n".join(calls)
     assert subprocess.run(["bash", "-n"], input=transcript, text=True).returncode == 0
@@ -95,7 +95,7 @@ def test_container_image_renders_pyxis_srun_options(tmp_path: Path):
     image = "nvcr.io#nvidia/pytorch:24.05-py3"
     done = _cli(["submit", str(path), "--dry-run", "--container-image", image, "--gpus-per-node", "2"], tmp_path)
     assert done.returncode == 0, done.stderr
-    run_dir = (tmp_path / "runs" / "t").resolve()
+    run_dir = (tmp_path / HOSTILE / "runs" / "t").resolve()
     text = _scripts(done.stdout)[str(run_dir / "slurm" / "pretrain.sbatch")]
     srun = shlex.split(next(line for line in text.splitlines() if line.startswith("srun ")).rstrip(" &"))
     assert f"--container-image={image}" in srun

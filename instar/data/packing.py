@@ -13,6 +13,7 @@ import itertools
 import numpy as np
 import torch
 
+from instar.data.batch import Batch
 from instar.data.example import IGNORE, Example, causal_example  # noqa: F401  (re-exported)
 
 
@@ -31,7 +32,7 @@ def block_diagonal_mask(doc_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return mask[:, None]
 
 
-def collate_rows(rows: list[list[Example]], pad_id: int, length: int) -> dict[str, torch.Tensor | bool]:
+def collate_rows(rows: list[list[Example]], pad_id: int, length: int) -> Batch:
     """Lay out rows of examples (each row's examples end to end) as padded tensors of `length`,
     plus `one_document_per_row` (a bool: every row is one document from position 0)."""
     # Filled in numpy, one concatenation per row, and handed to torch at the end (no tensor ops per
@@ -64,8 +65,7 @@ def collate_rows(rows: list[list[Example]], pad_id: int, length: int) -> dict[st
         position_ids[r, :n] = np.arange(n, dtype=np.int64) - np.repeat(starts, lengths)
         doc_ids[r, :n] = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
     input_ids, targets, position_ids, doc_ids = map(torch.from_numpy, (input_ids, targets, position_ids, doc_ids))
-    return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids, "doc_ids": doc_ids,
-            "one_document_per_row": bool(one_document_per_row)}
+    return Batch(input_ids, targets, position_ids, doc_ids, bool(one_document_per_row))
 
 
 class Batcher:
@@ -154,11 +154,11 @@ class Batcher:
         examples = source.examples(shard[:pos], begin[:pos], begin[:pos] + lengths[:pos])
         return [examples[a:b] for a, b in zip(bounds, bounds[1:])]
 
-    def collate(self, rows: list[list[Example]]) -> dict[str, torch.Tensor | bool]:
+    def collate(self, rows: list[list[Example]]) -> Batch:
         length = self.seq_len if self.packing else max(sum(len(e.input_ids) for e in r) for r in rows)
         return collate_rows(rows, self.pad_id, length)
 
-    def next_batch(self, n: int) -> dict[str, torch.Tensor | bool]:
+    def next_batch(self, n: int) -> Batch:
         return self.collate(self.next_rows(n))
 
     def state_dict(self) -> dict:

@@ -101,12 +101,12 @@ def segment_logps(logits, batch) -> tuple:
 
     from instar.data.example import IGNORE
 
-    targets = batch["targets"]
+    targets = batch.targets
     valid = targets != IGNORE
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     logp = logp * valid
-    docs = int(batch["doc_ids"].max()) + 1
-    index = batch["doc_ids"].clamp(min=0)
+    docs = int(batch.doc_ids.max()) + 1
+    index = batch.doc_ids.clamp(min=0)
     sums = torch.zeros(targets.shape[0], docs, dtype=logp.dtype, device=logp.device).scatter_add_(1, index, logp)
     counts = torch.zeros(targets.shape[0], docs, dtype=logp.dtype, device=logp.device).scatter_add_(
         1, index, valid.to(logp.dtype))
@@ -123,11 +123,11 @@ def document_logps(logits, batch) -> tuple:
 
     from instar.data.example import IGNORE
 
-    targets = batch["targets"]
+    targets = batch.targets
     valid = targets != IGNORE
     logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0] * valid
-    docs = int(batch["doc_ids"].max()) + 1
-    index = batch["doc_ids"].clamp(min=0)
+    docs = int(batch.doc_ids.max()) + 1
+    index = batch.doc_ids.clamp(min=0)
     sums = torch.zeros(targets.shape[0], docs, dtype=logp.dtype, device=logp.device).scatter_add_(1, index, logp)
     counts = torch.zeros_like(sums).scatter_add_(1, index, valid.to(logp.dtype))
     present = counts > 0

@@ -38,10 +38,10 @@ def uses_flash_attention(model: torch.nn.Module) -> bool:
     return getattr(hf_model(model).config, "_attn_implementation", None) == FLASH
 
 
-def flatten_rows(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def flatten_rows(batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, position_ids) of every row laid end to end as one row [1, rows * seq].
 
     Each row's first document starts at position 0 and padding has position 0 (collate_rows), so
     position ids restart exactly at every document and every padding token: flash-attn's varlen
     path treats each as its own sequence."""
-    return batch["input_ids"].reshape(1, -1), batch["position_ids"].reshape(1, -1)
+    return batch.input_ids.reshape(1, -1), batch.position_ids.reshape(1, -1)

@@ -28,11 +28,6 @@ def resolve_device(name: str, stage: str = "?") -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """A batch's tensors on `device` (a no-op for those already there)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 class Engine(ABC):
     name: str
     model: torch.nn.Module  # what the loss is computed with (a DeepSpeed engine wraps the HF model)

@@ -32,7 +32,7 @@ from instar.models.fp8 import Fp8GemmCheck
 from instar.trainer.batch import BatchLayout, batch_layout
 from instar.trainer.checkpointer import Checkpointer, LoopState, ResumePoint
 from instar.trainer.context import StageContext
-from instar.trainer.engine import Engine, build_engine, engine_class, to_device
+from instar.trainer.engine import Engine, build_engine, engine_class
 from instar.trainer.finish import finish_stage
 from instar.trainer.flops import MfuMeter, cuda_device_name
 from instar.trainer.jsonl_log import JsonlLog
@@ -184,7 +184,7 @@ def train_step(run: StageRun, step: int) -> StepResult:
     lr = lr_at(step, train.steps, train.lr, train.warmup_ratio, train.min_lr_ratio)
     sums = StepMetrics()
     for batch in work.batches:
-        batch = to_device(batch, engine.device)
+        batch = batch.to(engine.device)
         with engine.autocast():
             loss, metrics = kind.loss(engine.model, batch, work.denominator)
         engine.backward(loss)

@@ -44,7 +44,6 @@ def cache_path(ctx, reference: str, examples: list) -> Path:
 def pair_logps(model, examples: list, pad_id: int, device: torch.device, batch_size: int = 32) -> torch.Tensor:
     """[N, 2] summed log-probs (chosen, rejected) of each two-segment example under `model`."""
     from instar.data.packing import collate_rows
-    from instar.trainer.engine import to_device
     from instar.methods.preference import segment_logps
     from instar.trainer.losses import forward_logits
 
@@ -52,7 +51,7 @@ def pair_logps(model, examples: list, pad_id: int, device: torch.device, batch_s
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             rows = [[ex] for ex in examples[start:start + batch_size]]
-            batch = to_device(collate_rows(rows, pad_id, max(len(r[0].input_ids) for r in rows)), device)
+            batch = collate_rows(rows, pad_id, max(len(r[0].input_ids) for r in rows)).to(device)
             chosen, rejected, _, _ = segment_logps(forward_logits(model, batch), batch)
             out.append(torch.stack([chosen, rejected], dim=-1).float().cpu())
     return torch.cat(out)

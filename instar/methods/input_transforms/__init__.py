@@ -19,7 +19,7 @@ from instar.config.schema import Strict
 from instar.registry import Registry
 
 if TYPE_CHECKING:
-    import torch
+    from instar.data.batch import Batch
 
 
 class TransformSpec(Strict):
@@ -32,7 +32,7 @@ class InputTransform:
     def __init__(self, spec: TransformSpec, tokenizer, seed: int, total_steps: int):
         self.spec, self.tokenizer, self.seed, self.total_steps = spec, tokenizer, seed, total_steps
 
-    def __call__(self, batch: dict[str, "torch.Tensor"], step: int, first_row: int) -> dict[str, "torch.Tensor"]:
+    def __call__(self, batch: "Batch", step: int, first_row: int) -> "Batch":
         """The batch with its inputs changed; `first_row` is the global index (over all ranks) of
         the batch's first row in the step, for per-row seeds."""
         raise NotImplementedError

@@ -46,11 +46,11 @@ class MaskInputs(InputTransform):
         from instar.data.example import IGNORE
 
         rate = self.rate_at(step)
-        ids, targets = batch["input_ids"], batch["targets"]
+        ids, targets = batch.input_ids, batch.targets
         learnt = torch.zeros_like(ids, dtype=torch.bool)
         learnt[:, 1:] = targets[:, :-1] != IGNORE  # input j is the target of position j - 1
         draws = torch.stack([
             torch.rand(ids.shape[1], generator=torch.Generator().manual_seed(
                 zlib.crc32(f"{self.seed}:{step}:{first_row + r}".encode())))
             for r in range(ids.shape[0])]).to(ids.device)
-        return {**batch, "input_ids": ids.masked_fill(learnt & (draws < rate), self.mask_id)}
+        return batch.replace(input_ids=ids.masked_fill(learnt & (draws < rate), self.mask_id))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from instar.data.batch import Batch
 from instar.data.example import Example
 from instar.errors import DataError
 from instar.kinds.dpo import DpoDefinition
@@ -24,6 +25,14 @@ from instar.trainer.kinds.base import StepWork, TrainingKind
 from instar.trainer.kinds.reference import load_reference_model, reference_stage
 
 LN2 = math.log(2.0)
+
+
+@dataclass
+class PairBatch(Batch):
+    """Rows of (chosen, rejected) pairs with each pair's cached reference log-probs [pairs, 2], in
+    the order `segment_logps` returns pairs (row by row, left to right); None: computed on the fly."""
+
+    ref_logps: "torch.Tensor | None" = None
 
 
 @dataclass
@@ -123,7 +132,7 @@ class DpoKind(DpoDefinition, TrainingKind):
         mb = layout.micro_batch_size
         for i, batch in enumerate(work.batches):
             index = [ex.index for row in mine[i * mb:(i + 1) * mb] for ex in row]
-            batch["ref_logps"] = self._ref_cache[index]
+            work.batches[i] = batch.extend(PairBatch, ref_logps=self._ref_cache[index])
         return work
 
     def loss_denominator(self, rows) -> int:
@@ -151,8 +160,8 @@ class DpoKind(DpoDefinition, TrainingKind):
         spec = self.ctx.spec
         if spec.reference_free:
             ref_c = ref_r = torch.zeros_like(policy_c)
-        elif "ref_logps" in batch:
-            ref_c, ref_r = batch["ref_logps"].to(policy_c).unbind(-1)
+        elif getattr(batch, "ref_logps", None) is not None:
+            ref_c, ref_r = batch.ref_logps.to(policy_c).unbind(-1)
         else:
             with torch.no_grad():  # step_batches loaded the reference
                 ref_c, ref_r, _, _ = segment_logps(forward_logits(self._reference, batch), batch)

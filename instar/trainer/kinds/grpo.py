@@ -14,12 +14,14 @@ answer) and, for rank 0's prompts, the sampled completions and their rewards.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
+from instar.data.batch import Batch
 from instar.data.example import IGNORE, Example
 from instar.errors import DataError
 from instar.kinds.grpo import GrpoDefinition
@@ -27,6 +29,22 @@ from instar.methods.rl import LOSS_TYPES
 from instar.models.wrapped import hf_model
 from instar.trainer.kinds.base import StepWork, TrainingKind
 from instar.trainer.kinds.reference import load_reference_model
+
+
+@dataclass
+class RolloutBatch(Batch):
+    """Rows of prompt + sampled completion (one completion a row, groups in order), with what the
+    GRPO objective needs per completion, kept on the device while the rollout is trained on."""
+
+    advantages: "torch.Tensor | None" = None  # [rows]
+    prompt_lens: "torch.Tensor | None" = None  # [rows]
+    completion_lens: "torch.Tensor | None" = None  # [rows]
+    old_logp: "torch.Tensor | None" = None  # [rows, T] the sampling policy's, when a rollout serves several steps
+    ref_logp: "torch.Tensor | None" = None  # [rows, T] the reference's, when beta > 0
+
+    def state(self) -> dict:
+        """Its fields as a dict of tensors (a checkpoint is read with weights_only)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 @dataclass
@@ -149,7 +167,6 @@ class GrpoKind(GrpoDefinition, TrainingKind):
         import torch
 
         from instar.data.packing import collate_rows
-        from instar.trainer.engine import to_device
         from instar.methods.rewards import RewardModel
         from instar.methods.rl import group_advantages
 
@@ -186,10 +203,10 @@ class GrpoKind(GrpoDefinition, TrainingKind):
             part = range(m * per_micro, (m + 1) * per_micro)
             batch = collate_rows([[sequences[i]] for i in part], tok.pad_token_id,
                                  max(len(sequences[i].input_ids) for i in part))
-            batch["advantages"] = advantages[m * per_micro:(m + 1) * per_micro].clone()
-            batch["prompt_lens"] = torch.tensor([len(prompts[i // g].input_ids) for i in part])
-            batch["completion_lens"] = torch.tensor([lengths[i] for i in part])
-            batch = to_device(batch, engine.device)  # kept there while the rollout is trained on
+            batch = batch.extend(RolloutBatch, advantages=advantages[m * per_micro:(m + 1) * per_micro].clone(),
+                                 prompt_lens=torch.tensor([len(prompts[i // g].input_ids) for i in part]),
+                                 completion_lens=torch.tensor([lengths[i] for i in part]))
+            batch = batch.to(engine.device)  # kept there while the rollout is trained on
             self._add_fixed_logps(engine, batch)
             batches.append(batch)
         stats = {
@@ -211,9 +228,9 @@ class GrpoKind(GrpoDefinition, TrainingKind):
         spec = self.ctx.spec
         with torch.no_grad(), engine.autocast():
             if spec.epochs > 1:
-                batch["old_logp"] = self._logps(engine.model, batch).float()
+                batch.old_logp = self._logps(engine.model, batch).float()
             if spec.beta > 0:
-                batch["ref_logp"] = self._logps(self._reference_model(engine), batch).float()
+                batch.ref_logp = self._logps(self._reference_model(engine), batch).float()
 
     def _logps(self, model, batch):
         """log π(completion token | prefix) per position of a rollout micro-batch [rows, T] (0 off
@@ -225,7 +242,7 @@ class GrpoKind(GrpoDefinition, TrainingKind):
         spec = self.ctx.spec
         if shares_prompts(model, batch, spec.group_size):
             return shared_prompt_logps(model, batch, spec.group_size, spec.temperature)
-        return token_logps(forward_logits(model, batch), batch["targets"], spec.temperature)
+        return token_logps(forward_logits(model, batch), batch.targets, spec.temperature)
 
     def _reference_model(self, engine):
         if self._reference is None:
@@ -239,10 +256,10 @@ class GrpoKind(GrpoDefinition, TrainingKind):
 
         spec = self.ctx.spec
         logp = self._logps(model, batch)
-        old = batch.get("old_logp", logp.detach())
-        per_token, info = per_token_loss(logp, old, batch["advantages"], batch.get("ref_logp"), spec.clip_eps,
+        old = batch.old_logp if batch.old_logp is not None else logp.detach()
+        per_token, info = per_token_loss(logp, old, batch.advantages, batch.ref_logp, spec.clip_eps,
                                          spec.beta, spec.clip_eps_high)
-        mask = batch["targets"] != IGNORE
+        mask = batch.targets != IGNORE
         loss = reduce_loss(per_token, mask, spec.loss_type, denominator)
         metrics = {"clip_fraction": Mean.of(info["clipped"], mask)}  # means over the step's completion tokens
         if "kl" in info:
@@ -253,10 +270,13 @@ class GrpoKind(GrpoDefinition, TrainingKind):
     def state_dict(self) -> dict[str, Any] | None:
         if self._rollout is None or self.ctx.spec.epochs == 1:
             return None  # a one-step rollout is never reused: nothing to keep
-        return {"rollout": self._rollout, "rollout_step": self._rollout_step}
+        rollout = {**self._rollout, "batches": [b.state() for b in self._rollout["batches"]]}
+        return {"rollout": rollout, "rollout_step": self._rollout_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._rollout, self._rollout_step = state["rollout"], int(state["rollout_step"])
+        rollout = state["rollout"]
+        self._rollout = {**rollout, "batches": [RolloutBatch(**b) for b in rollout["batches"]]}
+        self._rollout_step = int(state["rollout_step"])
 
 
 def shares_prompts(model, batch: dict, group_size: int) -> bool:
@@ -270,7 +290,8 @@ def shares_prompts(model, batch: dict, group_size: int) -> bool:
     from instar.kernels.fp8.linear import Float8Linear
     from instar.models.attention import uses_flash_attention
 
-    if "prompt_lens" not in batch or "completion_lens" not in batch or batch["input_ids"].shape[0] % group_size:
+    if (getattr(batch, "prompt_lens", None) is None or getattr(batch, "completion_lens", None) is None
+            or batch.input_ids.shape[0] % group_size):
         return False
     hf = hf_model(model)
     params = inspect.signature(hf.forward).parameters
@@ -303,10 +324,10 @@ def shared_prompt_logps(model, batch: dict, group_size: int, temperature: float)
 
     hf = hf_model(model)
     cache_name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
-    ids = batch["input_ids"]
+    ids = batch.input_ids
     rows, width = ids.shape
     device = ids.device
-    prompt_lens, completion_lens = batch["prompt_lens"].to(device), batch["completion_lens"].to(device)
+    prompt_lens, completion_lens = batch.prompt_lens.to(device), batch.completion_lens.to(device)
     first = torch.arange(0, rows, group_size, device=device)
     plen = prompt_lens[first]
     pmax, cmax = int(plen.max()), int(completion_lens.max())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from instar.data.batch import Batch
 from instar.data.example import Example
 from instar.errors import DataError
 from instar.kinds.kto import KtoDefinition
@@ -26,6 +27,16 @@ from instar.methods.kto import KTO_LOSSES
 from instar.methods.preference import document_logps
 from instar.trainer.kinds.base import StepWork, TrainingKind
 from instar.trainer.kinds.reference import load_reference_model, reference_stage
+
+@dataclass
+class FeedbackBatch(Batch):
+    """Rows of completions with, per completion (row by row, left to right), the reference's
+    log-prob, its label, and the step's KL estimate z."""
+
+    ref_logps: "torch.Tensor | None" = None
+    desirable: "torch.Tensor | None" = None  # bool
+    kl: float = 0.0
+
 
 @dataclass
 class FeedbackExample(Example):
@@ -126,7 +137,6 @@ class KtoKind(KtoDefinition, TrainingKind):
         import torch
 
         from instar.data.packing import collate_rows
-        from instar.trainer.engine import to_device
         from instar.trainer.losses import forward_logits
 
         work = super().step_batches(engine, batcher, rows_all, mine, layout, step)
@@ -137,18 +147,18 @@ class KtoKind(KtoDefinition, TrainingKind):
             examples = [ex for row in rows for ex in row]
             ref = self._reference_logps(engine, examples).to(engine.device)
             mismatched = [[ex.mismatched for ex in row] for row in rows]
-            kl_batch = to_device(collate_rows(mismatched, pad, max(sum(len(e.input_ids) for e in r) for r in mismatched)),
-                                 engine.device)
+            kl_batch = collate_rows(mismatched, pad, max(sum(len(e.input_ids) for e in r) for r in mismatched))
+            kl_batch = kl_batch.to(engine.device)
             with torch.no_grad(), engine.autocast():
                 policy_kl, _ = document_logps(forward_logits(engine.model, kl_batch), kl_batch)
             total += torch.stack([(policy_kl.double() - ref[:, 1].double()).sum(), torch.tensor(
                 float(len(examples)), dtype=torch.float64, device=engine.device)])
-            batch["ref_logps"] = ref[:, 0]
-            batch["desirable"] = torch.tensor([ex.desirable for ex in examples])
+            work.batches[i] = batch.extend(FeedbackBatch, ref_logps=ref[:, 0],
+                                           desirable=torch.tensor([ex.desirable for ex in examples]))
         total = engine.all_reduce_tensor(total)
         z = max(0.0, float(total[0] / total[1])) if self.ctx.spec.loss == "kto" else 0.0
         for batch in work.batches:
-            batch["kl"] = z
+            batch.kl = z
         work.metrics["kl"] = z
         return work
 
@@ -163,9 +173,9 @@ class KtoKind(KtoDefinition, TrainingKind):
 
         spec = self.ctx.spec
         policy, _ = document_logps(forward_logits(model, batch), batch)
-        desirable = batch["desirable"].to(policy.device)
-        ratio = policy - batch["ref_logps"].to(policy)
-        losses = KTO_LOSSES[spec.loss](ratio, batch["kl"], desirable, spec)
+        desirable = batch.desirable.to(policy.device)
+        ratio = policy - batch.ref_logps.to(policy)
+        losses = KTO_LOSSES[spec.loss](ratio, batch.kl, desirable, spec)
         rewards = spec.beta * ratio.detach()
         metrics = {  # means over the step's desirable / undesirable completions
             "rewards/chosen": Mean.of(rewards, desirable),
