@@ -1,0 +1,44 @@
+"""Hostile input that used to end in a traceback: one line naming the file / field and the fix, exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_recipe, write_recipe
+from tests.test_cli_errors import _fails
+
+
+@pytest.mark.parametrize("weights", [[0, 0], [1.5, -1.5]])
+def test_merge_weights_summing_to_zero_fail_validation(tmp_path: Path, capsys, weights):
+    recipe = tiny_recipe()
+    recipe["stages"]["merged"]["weights"] = weights
+    _fails(["validate", str(write_recipe(tmp_path, recipe))], capsys, "stages.merged.weights", "sum to 0",
+           "positive sum")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("defaults.optimizer.betas=[0.9,1.0]", "defaults.optimizer.betas.1: Input should be less than 1"),
+    ("defaults.optimizer.betas=[-0.1,0.9]", "defaults.optimizer.betas.0: Input should be greater than or equal to 0"),
+    ("run.seed=18446744073709551616", "run.seed: Input should be less than 18446744073709551616"),
+])
+def test_optimizer_betas_and_seed_bounds(tmp_path: Path, capsys, override, needle):
+    _fails(["validate", str(write_recipe(tmp_path, tiny_recipe())), override], capsys,
+           f"command-line override {override.partition('=')[0]}", needle)
+
+
+def test_largest_seed_is_accepted(tmp_path: Path, capsys):
+    from instar.cli import main
+
+    assert main(["validate", str(write_recipe(tmp_path, tiny_recipe())), f"run.seed={(1 << 64) - 1}"]) == 0
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["stages.newstage.kind=sftt"], "command-line override stages.newstage.kind: stages.newstage.kind: unknown kind"),
+    (["stages.newstage.after=[sft]"], "command-line override stages.newstage.after: stages.newstage: missing `kind`"),
+])
+def test_a_stage_created_by_an_override_blames_the_override(tmp_path: Path, capsys, overrides, needle):
+    path = write_recipe(tmp_path, tiny_recipe())
+    err = _fails(["validate", str(path), *overrides], capsys, needle)
+    assert f"{path}:?" not in err
