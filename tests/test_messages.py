@@ -42,3 +42,37 @@ def test_a_stage_created_by_an_override_blames_the_override(tmp_path: Path, caps
     path = write_recipe(tmp_path, tiny_recipe())
     err = _fails(["validate", str(path), *overrides], capsys, needle)
     assert f"{path}:?" not in err
+
+
+GOOD_CHAT = b'{"messages": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]}\n'
+
+
+def _one_sft_stage(tmp_path: Path, data: dict) -> Path:
+    recipe = tiny_recipe()
+    recipe["defaults"]["eval"] = {}
+    recipe["stages"] = {"sft": {"kind": "sft", "data": data, "train": {"steps": 1}}}
+    return write_recipe(tmp_path, recipe)
+
+
+def test_non_utf8_row_names_its_line(tmp_path: Path, capsys):
+    (tmp_path / "chat.jsonl").write_bytes(GOOD_CHAT + b'{"messages": "\xff\xfe caf\xe9"}\n' + GOOD_CHAT)
+    path = _one_sft_stage(tmp_path, {"path": "chat.jsonl"})
+    _fails(["run", str(path)], capsys, f"{tmp_path / 'chat.jsonl'}:2: bad row: not UTF-8 text (byte 0xff",
+           "on_bad_row: skip")
+
+
+def test_non_utf8_rows_are_skipped_and_counted(tmp_path: Path):
+    from instar.data.formats import ROW_FORMATS
+    from instar.data.jsonl import read_rows
+
+    data = tmp_path / "chat.jsonl"
+    data.write_bytes(GOOD_CHAT + b"\x00\x9c\xffPK\x03\x04\n" + GOOD_CHAT + b"\x89PNG\r\n")
+    rows = read_rows(data, ROW_FORMATS["messages"], on_bad_row="skip")
+    assert (len(rows.rows), rows.skipped) == (2, 2)
+    assert rows.first_skip.startswith(f"{data}:2: not UTF-8 text")
+
+
+def test_binary_file_with_skip_has_no_usable_rows(tmp_path: Path, capsys):
+    (tmp_path / "chat.jsonl").write_bytes(b"\x80\xff\x00" * 1000)  # no newline: one line
+    path = _one_sft_stage(tmp_path, {"path": "chat.jsonl", "on_bad_row": "skip"})
+    _fails(["run", str(path)], capsys, "chat.jsonl: no usable rows (skipped 1; first problem:", "not UTF-8 text")
