@@ -76,3 +76,22 @@ def test_binary_file_with_skip_has_no_usable_rows(tmp_path: Path, capsys):
     (tmp_path / "chat.jsonl").write_bytes(b"\x80\xff\x00" * 1000)  # no newline: one line
     path = _one_sft_stage(tmp_path, {"path": "chat.jsonl", "on_bad_row": "skip"})
     _fails(["run", str(path)], capsys, "chat.jsonl: no usable rows (skipped 1; first problem:", "not UTF-8 text")
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b'{"stages": [{"na', "graph.json: not valid JSON"),
+    (b'\xff\xfe{"stages": []}', "graph.json: not valid JSON"),
+    (b'[1, 2]', "graph.json: has no list of stages"),
+    (b'{"stages": [{"kind": "sft"}]}', "graph.json: has no list of stages"),
+])
+def test_status_of_a_corrupted_graph_json(tmp_path: Path, capsys, content, needle):
+    (tmp_path / "graph.json").write_bytes(content)
+    _fails(["status", str(tmp_path)], capsys, str(tmp_path / needle.partition(":")[0]), needle, "`instar run` writes it")
+
+
+def test_status_shows_stages_whose_entries_lost_fields(tmp_path: Path, capsys):
+    from instar.cli import main
+
+    (tmp_path / "graph.json").write_text('{"stages": [{"name": "sft", "parents": 3}]}')
+    assert main(["status", str(tmp_path)]) == 0
+    assert "pending" in capsys.readouterr().out
