@@ -95,3 +95,64 @@ def test_status_shows_stages_whose_entries_lost_fields(tmp_path: Path, capsys):
     (tmp_path / "graph.json").write_text('{"stages": [{"name": "sft", "parents": 3}]}')
     assert main(["status", str(tmp_path)]) == 0
     assert "pending" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def hf_model_dir(tmp_path_factory) -> Path:
+    """A real tiny Llama written by save_pretrained (model.safetensors + config.json)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from instar.data.tokenizer import build_char_tokenizer
+
+    cfg = dict(tiny_recipe()["model"]["config"])
+    config = AutoConfig.for_model(cfg.pop("model_type"), vocab_size=len(build_char_tokenizer()), **cfg)
+    folder = tmp_path_factory.mktemp("hf") / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def _truncate(d: Path) -> None:
+    (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:2000])
+
+
+def _unknown_type(d: Path) -> None:
+    import json
+
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "model_type": "nosuchmodel"}))
+
+
+def _pickle_only(d: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+
+
+@pytest.mark.parametrize("damage,needles", [
+    (_truncate, ["corrupt or truncated weights in model.safetensors", "copy or export the model again"]),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 64), ["corrupt or truncated weights"]),
+    (_unknown_type, ["config.json: transformers", "nosuchmodel", "fix config.json"]),
+    (_pickle_only, ["only pickle weights (pytorch_model.bin)", "safetensors only", "save_pretrained(new_dir)"]),
+    (lambda d: (d / "model.safetensors").unlink(), ["no weights here"]),
+])
+def test_damaged_model_path(tmp_path: Path, capsys, hf_model_dir, damage, needles):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(hf_model_dir, model)
+    damage(model)
+    recipe = tiny_recipe()
+    recipe["model"] = {"path": "model", "tokenizer": "instar-char"}
+    recipe["defaults"]["eval"] = {}
+    recipe["stages"] = {"pretrain": {"kind": "pretrain", "data": {"generate": {"split": "pretrain", "rows": 20}},
+                                     "train": {"steps": 1}}}
+    err = _fails(["run", str(write_recipe(tmp_path, recipe)), "--quiet"], capsys, f"model.path: {model}", *needles)
+    assert "weights_only=False" not in err
+
+
+def test_intact_model_path_loads(hf_model_dir):
+    from instar.models.build import load_pretrained
+
+    assert load_pretrained(hf_model_dir).config.model_type == "llama"
