@@ -156,3 +156,51 @@ def test_intact_model_path_loads(hf_model_dir):
     from instar.models.build import load_pretrained
 
     assert load_pretrained(hf_model_dir).config.model_type == "llama"
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path):
+    """A folder nobody may write: a read-only tmpfs as root (root ignores permission bits), else mode 0500."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o500)
+        yield folder
+        folder.chmod(0o700)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("root without mount: cannot make a folder read-only")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def _output_dir_recipe(tmp_path: Path, output_dir: Path) -> Path:
+    recipe = tiny_recipe()
+    recipe["run"]["output_dir"] = str(output_dir)
+    return write_recipe(tmp_path, recipe)
+
+
+def _unwritable(case: str, tmp: Path, read_only: Path) -> Path:
+    """An output_dir whose run folder `t` cannot be written."""
+    if case in ("file", "run folder is a file"):
+        folder = tmp / "runs"
+        (folder if case == "file" else folder / "t").parent.mkdir(exist_ok=True)
+        (folder if case == "file" else folder / "t").write_text("a file")
+        return folder
+    if case == "run folder read-only":  # with run.name=ro: the run folder exists
+        return read_only.parent
+    return read_only if case == "read-only" else read_only / "deeper"
+
+
+@pytest.mark.parametrize("case", ["file", "run folder is a file", "read-only", "below a read-only folder",
+                                  "run folder read-only"])
+@pytest.mark.parametrize("command", ["run", "plan"])
+def test_unwritable_output_dir(tmp_path: Path, capsys, read_only_dir, case, command):
+    output_dir = _unwritable(case, tmp_path, read_only_dir)
+    name = "ro" if case == "run folder read-only" else "t"
+    _fails([command, str(_output_dir_recipe(tmp_path, output_dir)), f"run.name={name}"], capsys,
+           f"run.output_dir: cannot write the run directory {output_dir / name}", "point run.output_dir at")
