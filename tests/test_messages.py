@@ -158,24 +158,40 @@ def test_intact_model_path_loads(hf_model_dir):
     assert load_pretrained(hf_model_dir).config.model_type == "llama"
 
 
+def _tmpfs(folder: Path, options: str):
+    """Mount a tmpfs at `folder` for the test (root only; skipped without mount), unmounted after."""
+    import subprocess
+
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazy: a failed writer may hold a file open
+
+
 @pytest.fixture
 def read_only_dir(tmp_path: Path):
     """A folder nobody may write: a read-only tmpfs as root (root ignores permission bits), else mode 0500."""
     import os
-    import subprocess
 
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    if os.geteuid() != 0:
-        folder.chmod(0o500)
-        yield folder
-        folder.chmod(0o700)
+    if os.geteuid() == 0:
+        yield from _tmpfs(tmp_path / "ro", "ro,size=64k")
         return
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("root without mount: cannot make a folder read-only")
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o500)
     yield folder
-    subprocess.run(["umount", str(folder)], check=True)
+    folder.chmod(0o700)
+
+
+@pytest.fixture(params=["16k", "64k"])
+def small_disk(tmp_path: Path, request):
+    """A disk smaller than the tiny model's checkpoint (~0.2 MiB): at 16 KiB safetensors' write of the
+    weights fails ("os error 28"), at 64 KiB torch.save's of Adam's moments (a RuntimeError)."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield from _tmpfs(tmp_path / "small", f"size={request.param}")
 
 
 def _output_dir_recipe(tmp_path: Path, output_dir: Path) -> Path:
@@ -204,3 +220,75 @@ def test_unwritable_output_dir(tmp_path: Path, capsys, read_only_dir, case, comm
     name = "ro" if case == "run folder read-only" else "t"
     _fails([command, str(_output_dir_recipe(tmp_path, output_dir)), f"run.name={name}"], capsys,
            f"run.output_dir: cannot write the run directory {output_dir / name}", "point run.output_dir at")
+
+
+def _enospc(path: Path) -> OSError:
+    import errno
+    import os
+
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path: Path, capsys, monkeypatch):
+    from instar.cli import main
+    from instar.trainer import checkpoint
+
+    real, saves = checkpoint._write_manifest, []
+
+    def second_save_fills_the_disk(tmp: Path, engine) -> None:
+        saves.append(tmp.name)
+        if len(saves) == 2:
+            raise _enospc(tmp / "manifest.json")
+        real(tmp, engine)
+
+    monkeypatch.setattr(checkpoint, "_write_manifest", second_save_fills_the_disk)
+    recipe = tiny_recipe()
+    recipe["defaults"]["eval"] = {}
+    recipe["stages"] = {"pretrain": recipe["stages"]["pretrain"]}  # 12 steps, a checkpoint every 5
+    path = write_recipe(tmp_path, recipe)
+    root = tmp_path / "runs" / "t" / "pretrain" / "checkpoints"
+    _fails(["run", str(path), "--quiet"], capsys, f"checkpoint step-00000010: the disk holding {root} is full",
+           "a checkpoint needs about", "as step-00000005", "run `instar run` again to resume")
+    assert checkpoint.verify(root / "step-00000005") is None
+    monkeypatch.setattr(checkpoint, "_write_manifest", real)
+    assert main(["run", str(path), "--quiet"]) == 0  # space freed: it resumes and finishes
+
+
+def test_disk_full_on_a_real_small_disk_while_checkpointing(tmp_path: Path, small_disk):
+    from instar.errors import TrainingError
+    from instar.trainer.checkpoint import save_checkpoint
+    from instar.trainer.single_engine import SingleEngine
+    from tests.test_engine_semantics import _model, _spec
+
+    engine = SingleEngine(_model(), _spec(write_recipe(tmp_path, tiny_recipe())), stage="pretrain")
+    with pytest.raises(TrainingError, match=r"checkpoint step-00000001: the disk holding .* is full \(0.0 MiB free; "
+                                            r"a checkpoint needs more than the 0.\d MiB written when it filled"):
+        save_checkpoint(small_disk / "checkpoints", 1, engine, {}, keep=2)
+
+
+def _export(model_dir: Path):
+    from instar.data.tokenizer import build_char_tokenizer
+    from instar.models.export import write_artifact
+    from tests.test_engine_semantics import _model
+
+    tokenizer = build_char_tokenizer()
+    return tokenizer, lambda: write_artifact(model_dir, _model(), tokenizer, {"stage": "sft"})
+
+
+def test_disk_full_while_exporting(tmp_path: Path, monkeypatch):
+    from instar.errors import TrainingError
+
+    tokenizer, export = _export(tmp_path / "sft" / "model")
+    monkeypatch.setattr(tokenizer, "save_pretrained", lambda folder: (_ for _ in ()).throw(_enospc(folder)))
+    with pytest.raises(TrainingError, match=r"stage 'sft': exporting its model to .*/sft/model filled the disk "
+                                            r"\(the weights need about 0.\d MiB, .* free\); the partial export was removed"):
+        export()
+    assert list((tmp_path / "sft").iterdir()) == []
+
+
+def test_disk_full_on_a_real_small_disk_while_exporting(small_disk):
+    from instar.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"exporting its model to .* filled the disk"):
+        _export(small_disk / "sft" / "model")[1]()
+    assert list((small_disk / "sft").iterdir()) == []
