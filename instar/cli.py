@@ -89,8 +89,9 @@ def cmd_status(args) -> int:
         table.add_column(col, no_wrap=col != "note")
     failed = 0
     slurm_lines: list[str] = []  # printed plainly below the table: log paths are long
-    for stage in graph["stages"]:
-        status, details = stage_status(run_dir / stage["name"], stage["fingerprint"])
+    for stage in graph["stages"]:  # load_graph checked the names; the rest may be damaged, as report allows
+        status, details = stage_status(run_dir / stage["name"], str(stage.get("fingerprint", "")))
+        parents = stage.get("parents") if isinstance(stage.get("parents"), list) else []
         m = details.get("metrics", {}) if status == "done" else {}
         note = ""
         if status in ("failed", "cancelled"):
@@ -99,7 +100,7 @@ def cmd_status(args) -> int:
         if details.get("executor") == "slurm" and status != "done":
             slurm_lines.append(f"{stage['name']}: {status}, Slurm job {details.get('slurm')}, log {details.get('log')}"
                                + (f"\n  {details['error']}" if details.get("error") else ""))
-        table.add_row(stage["name"], stage["kind"], ", ".join(stage["parents"]) or "-", status,
+        table.add_row(stage["name"], str(stage.get("kind", "?")), ", ".join(map(str, parents)) or "-", status,
                       fmt_value(m.get("steps")), fmt_value(m.get("loss")), fmt_value(m.get("exact_match/plain"), pct=True),
                       fmt_value(m.get("exact_match/chat"), pct=True), note)
     console.print(table)

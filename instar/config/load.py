@@ -139,12 +139,18 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 
 
 def _where(path: Path, lines: dict[tuple, int], overridden: set[tuple], loc: tuple) -> str:
-    """`file:line` of the deepest part of `loc` the recipe has, or the override that set it."""
+    """`file:line` of the deepest part of `loc` the recipe has, or the override that set (or created) it."""
+    set_here = sorted(tuple(str(q) for q in o) for o in overridden)
     for depth in range(len(loc), 0, -1):
-        if tuple(str(p) for p in loc[:depth]) in {tuple(str(q) for q in o) for o in overridden}:
-            return f"command-line override {'.'.join(str(p) for p in loc[:depth])}"
+        part = tuple(str(p) for p in loc[:depth])
+        if part in set_here:
+            return f"command-line override {'.'.join(part)}"
         if loc[:depth] in lines:
             return f"{path}:{lines[loc[:depth]]}"
+        # Absent from the file but below an override's path: `stages.new.kind=sft` created stages.new.
+        created = [o for o in set_here if o[:depth] == part]
+        if created:
+            return f"command-line override {'.'.join(created[0])}"
     return str(path)
 
 
@@ -204,7 +210,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> LoadedR
         stages_raw = {}
     stages: dict[str, StageSpec] = {}
     for name, spec in stages_raw.items():
-        where = f"{path}:{lines.get(('stages', name), '?')}"
+        where = _where(path, lines, overridden, ("stages", name))
         problem = stage_name_problem(name)
         if problem:
             shown = name if len(str(name)) <= 40 else f"{str(name)[:40]}..."

@@ -8,7 +8,7 @@ Kind-specific stage settings live in the kind's own spec class (see `instar.trai
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
 
@@ -44,7 +44,7 @@ def stage_name_problem(name: object) -> str | None:
 class RunConfig(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     output_dir: str = "runs"
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=1 << 64)  # torch.manual_seed takes at most 64 bits
 
 
 class ModelConfig(Strict):
@@ -93,9 +93,13 @@ class DataSpec(Strict):
         return self
 
 
+# Adam's decay rates: 1 would never forget a moment, and outside [0, 1) the moments diverge.
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
 class OptimizerConfig(Strict):
     name: Literal["adamw"] = "adamw"
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     eps: float = Field(default=1e-8, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
 

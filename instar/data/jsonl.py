@@ -41,17 +41,19 @@ def read_rows(path: Path, row_model: type[BaseModel], on_bad_row: str = "error",
         raise DataError(f"{path}: data file not found (check the stage's `data.path`; relative paths "
                         f"are resolved against the recipe's folder)")
     out = Rows(rows=[], path=path)
-    with path.open("r", encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
+    with path.open("rb") as fh:  # decoded line by line: one bad byte is one bad row, not a crash
+        for line_no, raw in enumerate(fh, start=1):
+            if not raw.strip():
                 continue
             problem = None
             try:
-                obj = json.loads(line)
+                obj = json.loads(raw.decode("utf-8"))
                 if not isinstance(obj, dict):
                     problem = f"expected a JSON object, got {type(obj).__name__}"
                 else:
                     out.rows.append(row_model.model_validate(obj).model_dump())
+            except UnicodeDecodeError as exc:
+                problem = f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1}; is this a binary file?)"
             except json.JSONDecodeError as exc:
                 problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
             except ValidationError as exc:

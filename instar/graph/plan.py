@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from instar.config.load import LoadedRecipe
 from instar.config.resolve import resolve_stage
 from instar.config.schema import StageSpec
 from instar.data.sources import file_hash, materialize
-from instar.errors import DataError
+from instar.errors import DataError, RecipeError
 from instar.graph.dag import StageGraph
 from instar.graph.fingerprint import stage_fingerprint
 from instar.models.export import read_meta
@@ -40,12 +41,24 @@ def _hash(path: Path, stage: str) -> str:
     return file_hash(path)
 
 
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run directory, or say why it cannot be: before any data is generated or stage trained."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()  # an existing folder may still be read-only
+    except OSError as exc:
+        raise RecipeError(f"run.output_dir: cannot write the run directory {run_dir} ({exc.strerror}: "
+                          f"{exc.filename}); a file is in the way or the folder is read-only: point "
+                          f"run.output_dir at a folder you can write") from None
+
+
 def make_plan(loaded: LoadedRecipe) -> list[StagePlan]:
     """Every stage in topological order with its fingerprint and whether its artifact is current."""
     from instar.kinds import definition
 
     recipe, run_dir, base_dir = loaded.recipe, loaded.run_dir, loaded.base_dir
     graph = StageGraph(recipe)
+    make_run_dir(run_dir)
     fingerprints: dict[str, str] = {}
     plan = []
     for name in graph.topo_order():

@@ -180,8 +180,19 @@ def run_recipe(loaded: LoadedRecipe, quiet: bool = False, node_rank: int = 0) ->
 
 
 def load_graph(run_dir: Path) -> dict[str, Any]:
+    """graph.json of `run_dir` (`instar status` and `report` read it), with at least a list of named stages."""
     path = run_dir / "graph.json"
     if not path.is_file():
         raise InstarError(f"{run_dir}: not an instar run directory (no graph.json); give the folder "
                           f"<output_dir>/<run name> that `instar run` wrote")
-    return json.loads(path.read_text())
+    try:
+        graph = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InstarError(f"{path}: not valid JSON ({exc}); `instar run` writes it again") from None
+    except OSError as exc:
+        raise InstarError(f"{path}: cannot read ({exc.strerror})") from None
+    stages = graph.get("stages") if isinstance(graph, dict) else None
+    if not isinstance(stages, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str)
+                                               for s in stages):
+        raise InstarError(f"{path}: has no list of stages; `instar run` writes it again")
+    return graph

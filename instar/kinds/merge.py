@@ -42,6 +42,9 @@ class MergeDefinition(KindDefinition):
             problems.append(f"stages.{name}.data: a merge stage reads no data; remove `data`")
         if spec.weights is not None and len(spec.weights) != len(spec.after):
             problems.append(f"stages.{name}.weights: {len(spec.weights)} weights for {len(spec.after)} parents")
+        if spec.weights is not None and abs(sum(spec.weights)) < 1e-9:  # the average divides by their sum
+            problems.append(f"stages.{name}.weights: {spec.weights} sum to 0, and the average divides by "
+                            f"their sum; give weights with a positive sum, e.g. [0.5, 0.5]")
         if spec.weights is not None and spec.method != "average":
             problems.append(f"stages.{name}.weights: only used by method: average (use `scale` for task_arithmetic)")
         if len(parents) >= 2:

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from safetensors import SafetensorError
 from transformers.utils import logging as hf_logging
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -40,9 +42,33 @@ def model_from_config(config: dict[str, Any], tokenizer: PreTrainedTokenizerBase
     return model
 
 
-def load_pretrained(path: Path) -> PreTrainedModel:
-    """Load an HF causal LM from a local directory (a parent stage's artifact or `model.path`)."""
+def load_pretrained(path: Path, field: str | None = None) -> PreTrainedModel:
+    """Load an HF causal LM from a local directory (a parent stage's artifact or `model.path`).
+
+    Only safetensors weights are read: unpickling a `pytorch_model.bin` can run any code in it.
+    `field` names the recipe field that points here (`model.path`), for the errors."""
+    where = f"{field}: {path}" if field else str(path)
     if not (path / "config.json").is_file():
-        raise ContractError(f"{path}: no HF model here (config.json missing)")
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
-                                                attn_implementation=ATTN_IMPLEMENTATION)
+        raise ContractError(f"{where}: no HF model here (config.json missing)")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ContractError(f"{where}/config.json: transformers {transformers.__version__} cannot read it "
+                            f"({first}); fix config.json (an unknown `model_type` needs a transformers that "
+                            f"has the architecture)") from None
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.glob("pytorch_model*.bin"))
+        if pickles:
+            raise ContractError(f"{where}: only pickle weights ({', '.join(pickles)}); instar loads safetensors "
+                                f"only, since unpickling can run code. Convert them once, where you trust the "
+                                f"file: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir)")
+        raise ContractError(f"{where}: no weights here (no .safetensors file); give a folder that "
+                            f"save_pretrained wrote")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, use_safetensors=True,
+                                                    dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION)
+    except SafetensorError as exc:
+        files = ", ".join(sorted(p.name for p in path.glob("*.safetensors")))
+        raise ContractError(f"{where}: corrupt or truncated weights in {files} ({exc}); copy or export "
+                            f"the model again") from None

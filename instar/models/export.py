@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from instar.errors import TrainingError
-from instar.files import follow_umask
+from instar.files import disk_full, follow_umask, free_bytes, mib
 
 DONE = "DONE"
 META = "instar.json"
@@ -83,8 +83,15 @@ def write_artifact(model_dir: Path, model, tokenizer, meta: dict[str, Any]) -> N
         follow_umask(tmp)
         remove_tree(model_dir)
         os.replace(tmp, model_dir)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and disk_full(exc, tmp)  # before rmtree frees the space
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            raise TrainingError(f"stage '{meta.get('stage', model_dir.parent.name)}': exporting its model to "
+                                f"{model_dir} filled the disk (the weights need about {mib(weights)}, "
+                                f"{mib(free_bytes(model_dir.parent))} free); the partial export was removed: free space "
+                                f"on that disk and run `instar run` again") from None
         raise
     (model_dir / DONE).write_text("ok\n")
 

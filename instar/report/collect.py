@@ -178,23 +178,6 @@ def read_log(path: Path) -> LogFile:
     return log
 
 
-def _load_graph(run_dir: Path) -> dict[str, Any]:
-    from instar.graph.runner import load_graph
-
-    try:
-        graph = load_graph(run_dir)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InstarError(f"{run_dir / 'graph.json'}: not valid JSON ({exc}); "
-                          f"`instar run` writes it again") from None
-    except OSError as exc:
-        raise InstarError(f"{run_dir / 'graph.json'}: cannot read ({exc.strerror})") from None
-    stages = graph.get("stages") if isinstance(graph, dict) else None
-    if not isinstance(stages, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str)
-                                               for s in stages):
-        raise InstarError(f"{run_dir / 'graph.json'}: has no list of stages; `instar run` writes it again")
-    return graph
-
-
 def _depths(stages: list[StageReport]) -> None:
     """Depth = longest path from a root (the graph's stages come in topological order)."""
     depth: dict[str, int] = {}
@@ -205,13 +188,14 @@ def _depths(stages: list[StageReport]) -> None:
 
 def collect(run_dir: Path) -> RunReport:
     """Everything the report shows, read from `run_dir` (raises InstarError when it is no run)."""
+    from instar.graph.runner import load_graph
     from instar.graph.state import stage_status
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise InstarError(f"{run_dir}: no such directory; give the folder <output_dir>/<run name> "
                           f"that `instar run` wrote")
-    graph = _load_graph(run_dir)
+    graph = load_graph(run_dir)
     stages = []
     for entry in graph["stages"]:
         name = entry["name"]

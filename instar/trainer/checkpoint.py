@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from instar.errors import TrainingError
-from instar.files import follow_umask
+from instar.files import disk_full, follow_umask, free_bytes, mib, tree_bytes
 from instar.models.export import remove_tree
 from instar.models.fp8 import amax_histories, load_amax_histories
 from instar.models.wrapped import hf_model
@@ -87,8 +87,25 @@ def _write_manifest(tmp: Path, engine) -> None:
 def save_checkpoint(root: Path, step: int, engine, loop_state: dict[str, Any], keep: int,
                     kind_state: dict[str, Any] | None = None) -> None:
     """Write checkpoint `step` under `root` (every rank calls) and keep the newest `keep`.
-    `kind_state` is this rank's state of the stage kind (e.g. an RL rollout being reused)."""
+    `kind_state` is this rank's state of the stage kind (e.g. an RL rollout being reused).
+    A full disk is a TrainingError saying how much space a checkpoint takes."""
     tmp = root / f".tmp-{PREFIX}{step:08d}"
+    try:
+        _save(root, tmp, step, engine, loop_state, keep, kind_state)
+    except Exception as exc:
+        if not disk_full(exc, root):
+            raise
+        done = _step_dirs(root)
+        need = (f"about {mib(tree_bytes(done[-1][1]))}, as {done[-1][1].name}" if done
+                else f"more than the {mib(tree_bytes(tmp))} written when it filled")
+        raise TrainingError(f"checkpoint {PREFIX}{step:08d}: the disk holding {root} is full ({mib(free_bytes(root))} "
+                            f"free; a checkpoint needs {need}). The checkpoints already there are intact (the "
+                            f"partial one is removed on the next run): free space on that disk and run `instar "
+                            f"run` again to resume") from None
+
+
+def _save(root: Path, tmp: Path, step: int, engine, loop_state: dict[str, Any], keep: int,
+          kind_state: dict[str, Any] | None) -> None:
     if engine.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         remove_tree(tmp)

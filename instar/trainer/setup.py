@@ -59,7 +59,7 @@ def stage_model(ctx: StageContext, tokenizer, causal_lm_loss: bool):
         model = load_pretrained(ctx.parent_model_dir(ctx.parents[0]))
     elif model_cfg.path is not None:
         path = Path(model_cfg.path)
-        model = load_pretrained(path if path.is_absolute() else ctx.loaded.base_dir / path)
+        model = load_pretrained(path if path.is_absolute() else ctx.loaded.base_dir / path, "model.path")
     else:
         model = model_from_config(model_cfg.config, tokenizer, seed=ctx.loaded.recipe.run.seed)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
