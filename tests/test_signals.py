@@ -41,7 +41,7 @@ class Run:
 
     def __init__(self, args: list[str], cwd: Path):
         self.proc = subprocess.Popen([sys.executable, "-m", "instar.cli", "run", *args], cwd=cwd, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
         self._seen = threading.Condition()
@@ -60,6 +60,14 @@ class Run:
             found = self._seen.wait_for(lambda: any(needle in x for x in self.lines) or self.proc.poll() is not None,
                                         timeout)
         assert found and any(needle in x for x in self.lines), f"never printed {needle!r}:\n{self.output}"
+
+    def signal(self, signum: int) -> None:
+        """SIGINT as Ctrl-C sends it (to the terminal's whole foreground process group), SIGTERM as
+        `docker stop` or `kill` do (to the one process)."""
+        if signum == signal.SIGINT:
+            os.killpg(self.proc.pid, signum)
+        else:
+            self.proc.send_signal(signum)
 
     def finish(self) -> int:
         code = self.proc.wait(timeout=300)
@@ -107,7 +115,7 @@ def _stop_resume_and_compare(tmp_path: Path, engine: list[str], signum: int) -> 
 
     run = Run([str(path), *engine, "run.name=stopped"], tmp_path)
     _wait_steps(runs / "stopped", 3, run)
-    run.proc.send_signal(signum)
+    run.signal(signum)
     assert run.finish() == 75, run.output
     out = run.output
     found = re.search(r"stopped: stage 'pretrain': stopped at step (\d+) on " + signal.Signals(signum).name, out)
@@ -149,9 +157,9 @@ def _stop_twice(tmp_path: Path, engine: list[str], signum: int, ready) -> Run:
     path = write_recipe(tmp_path, _recipe(steps=400))
     run = Run([str(path), *engine], tmp_path)
     ready(run)
-    run.proc.send_signal(signum)
+    run.signal(signum)
     run.wait_for(f"[instar] {signal.Signals(signum).name}: stopping at the next step boundary")
-    run.proc.send_signal(signum)
+    run.signal(signum)
     assert run.finish() == 128 + signum, run.output
     assert f"stopped: stopped at once on a second {signal.Signals(signum).name}" in run.output
     assert "Traceback" not in run.output, run.output
@@ -171,11 +179,11 @@ def test_a_second_signal_stops_one_process_at_once(tmp_path: Path, signum: int):
 
 
 @pytest.mark.dist
-def test_a_second_sigterm_stops_two_torchrun_ranks_at_once(tmp_path: Path):
+def test_ctrl_c_twice_stops_two_torchrun_ranks_at_once(tmp_path: Path):
     # Sent while torchrun starts the ranks: they are seconds away from their first step boundary.
-    run = _stop_twice(tmp_path, TWO_RANKS, signal.SIGTERM, lambda run: run.wait_for("launcher: torchrun, 2 rank(s)"))
+    run = _stop_twice(tmp_path, TWO_RANKS, signal.SIGINT, lambda run: run.wait_for("launcher: torchrun, 2 rank(s)"))
     for log in (tmp_path / "runs" / "t" / "pretrain" / "logs").glob("rank*.log"):
         pid = int(re.search(r"rank \d+/\d+ pid (\d+)", log.read_text()).group(1))
         with pytest.raises(ProcessLookupError):  # no rank outlives the run
             os.kill(pid, 0)
-    assert run.proc.returncode == 128 + signal.SIGTERM
+    assert run.proc.returncode == 128 + signal.SIGINT
