@@ -39,8 +39,8 @@ def _recipe(steps: int) -> dict:
 class Run:
     """`instar run` as a subprocess whose output is read line by line as it comes."""
 
-    def __init__(self, args: list[str], cwd: Path):
-        self.proc = subprocess.Popen([sys.executable, "-m", "instar.cli", "run", *args], cwd=cwd, text=True,
+    def __init__(self, args: list[str], cwd: Path, python: list[str] = ("-m", "instar.cli")):
+        self.proc = subprocess.Popen([sys.executable, *python, "run", *args], cwd=cwd, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
@@ -126,6 +126,7 @@ def _stop_resume_and_compare(tmp_path: Path, engine: list[str], signum: int) -> 
     checkpoints = sorted(p.name for p in (runs / "stopped" / "pretrain" / "checkpoints").iterdir())
     assert checkpoints == [f"step-{step:08d}"], checkpoints
     assert _state(runs / "stopped", "pretrain")["state"] == "stopped"
+    assert not (runs / "stopped" / "pretrain" / "stop-requested").exists()  # (torchrun's ranks read it)
     assert not (runs / "stopped" / "cpt" / "state.json").exists()  # nothing after the stopped stage started
     status = _cli(["status", str(runs / "stopped")])
     assert re.search(r"pretrain .* stopped .* stopped at step", status), status
@@ -187,3 +188,17 @@ def test_ctrl_c_twice_stops_two_torchrun_ranks_at_once(tmp_path: Path):
         with pytest.raises(ProcessLookupError):  # no rank outlives the run
             os.kill(pid, 0)
     assert run.proc.returncode == 128 + signal.SIGINT
+
+
+def test_sigint_ignored_by_the_caller_stays_ignored(tmp_path: Path):
+    """`instar run ... &` in a script starts it with SIGINT ignored: a Ctrl-C meant for the script
+    must not stop the background run."""
+    path = write_recipe(tmp_path, _recipe(steps=30))
+    ignoring = ["-c", "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                      "from instar.cli import main; sys.exit(main(sys.argv[1:]))"]
+    run = Run([str(path), *SINGLE], tmp_path, python=ignoring)
+    _wait_steps(tmp_path / "runs" / "t", 3, run)
+    run.signal(signal.SIGINT)
+    assert run.finish() == 0, run.output
+    assert "stopping at the next step boundary" not in run.output
+    assert _state(tmp_path / "runs" / "t", "cpt")["state"] == "done"

@@ -62,7 +62,9 @@ def stop_on_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # signal.signal works there only
         yield
         return
-    previous = {sig: signal.signal(sig, _on_local_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # A signal ignored already stays ignored (`instar run ... &` in a script ignores SIGINT).
+    previous = {sig: signal.signal(sig, _on_local_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     arm()
     try:
         yield

@@ -148,11 +148,13 @@ def run_stage_torchrun(run_dir: Path, stage: str, dist: DistributedConfig, node_
         proc.terminate()  # torchrun passes SIGTERM on; the ranks keep its default action and die
         proc.wait()
         raise
+    finally:
+        stop_file.unlink(missing_ok=True)  # the ranks are gone: it must not stop the next attempt
     reader.join(timeout=5)
     if code == 0:
         return
     stopped = re.search(r"stage '.*': stopped at step \d+ on [^,\n]+, checkpoint saved", "".join(tail))
-    if stopped and stop_file.exists():
+    if stopped and received():
         raise Preempted(stopped.group(0))
     logs = run_dir / stage / "logs"
     rank, what = _root_cause(list(tail))
