@@ -36,10 +36,17 @@ def _recipe(steps: int) -> dict:
     return recipe
 
 
+def _cli_with_sigint(handler: str) -> list[str]:
+    """`python -c` running the CLI with SIGINT set first: a test runner started in the background
+    passes SIGINT on ignored, a terminal's shell does not."""
+    return ["-c", f"import signal, sys; signal.signal(signal.SIGINT, {handler}); "
+                  f"from instar.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
 class Run:
     """`instar run` as a subprocess whose output is read line by line as it comes."""
 
-    def __init__(self, args: list[str], cwd: Path, python: list[str] = ("-m", "instar.cli")):
+    def __init__(self, args: list[str], cwd: Path, python: list[str] = _cli_with_sigint("signal.default_int_handler")):
         self.proc = subprocess.Popen([sys.executable, *python, "run", *args], cwd=cwd, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -194,9 +201,7 @@ def test_sigint_ignored_by_the_caller_stays_ignored(tmp_path: Path):
     """`instar run ... &` in a script starts it with SIGINT ignored: a Ctrl-C meant for the script
     must not stop the background run."""
     path = write_recipe(tmp_path, _recipe(steps=30))
-    ignoring = ["-c", "import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-                      "from instar.cli import main; sys.exit(main(sys.argv[1:]))"]
-    run = Run([str(path), *SINGLE], tmp_path, python=ignoring)
+    run = Run([str(path), *SINGLE], tmp_path, python=_cli_with_sigint("signal.SIG_IGN"))
     _wait_steps(tmp_path / "runs" / "t", 3, run)
     run.signal(signal.SIGINT)
     assert run.finish() == 0, run.output
