@@ -16,7 +16,7 @@ def small_data_note(path: Path, rows: int, global_batch: int, layout: str) -> st
     if rows >= global_batch:
         return None
     return (f"warning: {path}: {rows} row(s), fewer than one global batch of {global_batch} rows ({layout}): "
-            f"every step trains on the same rows, each about {global_batch // rows} times")
+            f"every step trains on the same rows, each about {global_batch / rows:.1f} times")
 
 
 def _strings(value) -> Iterator[str]:
