@@ -22,9 +22,9 @@ from instar.errors import ContractError, InstarError
 from instar.graph.plan import StagePlan, make_plan
 from instar.graph.state import write_state
 from instar.launch.preempt import stop_on_signals
-from instar.trainer.stop import Interrupted, Preempted, received, signal_name
 from instar.models.export import read_meta, remove_leftovers, remove_tree, write_json_atomic
 from instar.trainer.context import stage_folder
+from instar.trainer.stop import Interrupted, Preempted, received, signal_name
 
 
 @dataclass
