@@ -207,3 +207,23 @@ def test_sigint_ignored_by_the_caller_stays_ignored(tmp_path: Path):
     assert run.finish() == 0, run.output
     assert "stopping at the next step boundary" not in run.output
     assert _state(tmp_path / "runs" / "t", "cpt")["state"] == "done"
+
+
+def test_a_signal_after_a_stages_last_step_lets_it_finish_and_starts_no_other(tmp_path: Path):
+    """After the last step the loop no longer asks; the stage finishes (export, final eval of 300
+    held-out problems: seconds) and `instar run` stops before the next stage instead."""
+    recipe = _recipe(steps=6)
+    recipe["defaults"]["eval"] = tiny_recipe()["defaults"]["eval"]
+    recipe["defaults"]["eval"]["exact_match"]["data"]["generate"]["rows"] = 300
+    path = write_recipe(tmp_path, recipe)
+    run_dir = tmp_path / "runs" / "t"
+    run = Run([str(path), *SINGLE], tmp_path)
+    _wait_steps(run_dir, 6, run)
+    run.signal(signal.SIGTERM)
+    assert run.finish() == 75, run.output
+    assert "stopped: stopped before stage 'cpt' on SIGTERM" in run.output, run.output
+    assert _state(run_dir, "pretrain")["state"] == "done"
+    assert (run_dir / "pretrain" / "model" / "DONE").exists()
+    assert not (run_dir / "cpt" / "state.json").exists()
+    out = _run([str(path), *SINGLE], tmp_path)
+    assert "[pretrain] cached" in out and _state(run_dir, "cpt")["state"] == "done", out
