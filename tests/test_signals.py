@@ -148,7 +148,7 @@ def _stop_resume_and_compare(tmp_path: Path, engine: list[str], signum: int) -> 
         assert all(torch.equal(want[k], got[k]) for k in want), stage
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_stop_signal_checkpoints_one_process_and_the_rerun_ends_at_the_uninterrupted_weights(tmp_path: Path,
                                                                                                 signum: int):
     _stop_resume_and_compare(tmp_path, SINGLE, signum)

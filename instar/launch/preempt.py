@@ -51,19 +51,23 @@ def _on_local_signal(signum, frame) -> None:
     record(signum)
     name = signal.Signals(signum).name
     # os.write, not print: the handler may run while the main thread is inside a print to stderr.
-    os.write(2, f"[instar] {name}: stopping at the next step boundary after a checkpoint; "
-                f"send it again to stop at once\n".encode())
+    try:
+        os.write(2, f"[instar] {name}: stopping at the next step boundary after a checkpoint; "
+                    f"send it again to stop at once\n".encode())
+    except OSError:  # SIGHUP: the terminal is gone
+        pass
 
 
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """The `instar run` process: the first SIGTERM (docker stop, a scheduler) or SIGINT (Ctrl-C)
-    asks the running stage to checkpoint and stop; a second raises Interrupted at once."""
+    """The `instar run` process: the first SIGTERM (docker stop, a scheduler), SIGINT (Ctrl-C) or
+    SIGHUP (its terminal closed; torchrun, in its own process group, no longer hears it) asks the
+    running stage to checkpoint and stop; a second raises Interrupted at once."""
     if threading.current_thread() is not threading.main_thread():  # signal.signal works there only
         yield
         return
     # A signal ignored already stays ignored (`instar run ... &` in a script ignores SIGINT).
-    previous = {sig: signal.signal(sig, _on_local_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, _on_local_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
                 if signal.getsignal(sig) is not signal.SIG_IGN}
     arm()
     try:
