@@ -94,8 +94,8 @@ def cmd_status(args) -> int:
         parents = stage.get("parents") if isinstance(stage.get("parents"), list) else []
         m = details.get("metrics", {}) if status == "done" else {}
         note = ""
-        if status in ("failed", "cancelled"):
-            failed += 1
+        if status in ("failed", "cancelled", "stopped"):
+            failed += status != "stopped"
             note = (details.get("error") or "").strip().splitlines()[-1][:120] if details.get("error") else ""
         if details.get("executor") == "slurm" and status != "done":
             slurm_lines.append(f"{stage['name']}: {status}, Slurm job {details.get('slurm')}, log {details.get('log')}"
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except InstarError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{exc.label}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

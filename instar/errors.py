@@ -5,6 +5,7 @@ class InstarError(Exception):
     """A user-facing error: the CLI prints the message (no traceback) and exits with 2."""
 
     exit_code = 2
+    label = "error"  # the CLI's prefix: "error: <message>"
 
 
 class RecipeError(InstarError):

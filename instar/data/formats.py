@@ -29,6 +29,12 @@ class Message(_Row):
     role: Literal["system", "user", "assistant"]
     content: str
 
+    @model_validator(mode="after")
+    def _assistant_says_something(self) -> "Message":
+        if self.role == "assistant" and not self.content.strip():
+            raise ValueError("an assistant turn with empty content: give it the reply to learn, or drop the turn")
+        return self
+
 
 class ChatRow(_Row):
     """SFT conversation: `{"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}`."""

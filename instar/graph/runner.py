@@ -21,8 +21,10 @@ from instar.data.jsonl import read_rows
 from instar.errors import ContractError, InstarError
 from instar.graph.plan import StagePlan, make_plan
 from instar.graph.state import write_state
+from instar.launch.preempt import stop_on_signals
 from instar.models.export import read_meta, remove_leftovers, remove_tree, write_json_atomic
 from instar.trainer.context import stage_folder
+from instar.trainer.stop import Interrupted, Preempted, received, signal_name
 
 
 @dataclass
@@ -133,7 +135,13 @@ def _run_stage(loaded: LoadedRecipe, sp: StagePlan, quiet: bool, node_rank: int)
 
 def run_recipe(loaded: LoadedRecipe, quiet: bool = False, node_rank: int = 0) -> list[StageResult]:
     """Run every pending stage in order. On node_rank > 0 (a multi-node stage's other nodes) only
-    the torchrun stages are joined; node 0 owns the run directory's state."""
+    the torchrun stages are joined; node 0 owns the run directory's state. A first SIGTERM or
+    SIGINT checkpoints the running stage and stops (state `stopped`); a second stops at once."""
+    with stop_on_signals():
+        return _run_plan(loaded, quiet, node_rank)
+
+
+def _run_plan(loaded: LoadedRecipe, quiet: bool, node_rank: int) -> list[StageResult]:
     plan = make_plan(loaded)
     if any(not sp.cached for sp in plan):
         check_model(loaded)
@@ -158,6 +166,8 @@ def run_recipe(loaded: LoadedRecipe, quiet: bool = False, node_rank: int = 0) ->
                 say(f"[{sp.name}] cached ({sp.fingerprint})", quiet)
                 results.append(StageResult(sp.name, sp.kind, True, meta.get("metrics", {})))
                 continue
+            if received():  # the signal came between stages (e.g. during a merge): start no other
+                raise Preempted(f"stopped before stage '{sp.name}' on {signal_name()}; `instar run` goes on from it")
             say(f"[{sp.name}] {sp.kind} stage starting"
                 + (f" from {', '.join(sp.parents)}" if sp.parents else ""), quiet)
             # This attempt rewrites the stage's logs (metrics, eval, pairs, rollouts). An artifact
@@ -170,6 +180,9 @@ def run_recipe(loaded: LoadedRecipe, quiet: bool = False, node_rank: int = 0) ->
             write_state(stage_dir, "running", fingerprint=sp.fingerprint)
             try:
                 metrics = _run_stage(loaded, sp, quiet, node_rank)
+            except (Preempted, Interrupted) as exc:  # resumable: the next `instar run` goes on from its checkpoint
+                write_state(stage_dir, "stopped", fingerprint=sp.fingerprint, error=str(exc))
+                raise
             except BaseException as exc:
                 detail = str(exc) if isinstance(exc, InstarError) else traceback.format_exc()
                 write_state(stage_dir, "failed", fingerprint=sp.fingerprint, error=detail)

@@ -2,7 +2,8 @@
 
 A stage is `done` when its artifact is complete (DONE marker) and its fingerprint matches;
 `running` while the process that started it is alive; `failed` when it raised or its process
-died (e.g. SIGKILL, an OOM kill); `pending` otherwise. Stages queued on Slurm (`instar submit`)
+died (e.g. SIGKILL, an OOM kill); `stopped` when a stop signal ended it (it resumes from its
+checkpoint); `pending` otherwise. Stages queued on Slurm (`instar submit`)
 take their state from Slurm, plus `cancelled` for a job that never ran (e.g. its parent failed).
 """
 
@@ -44,7 +45,7 @@ def _alive(pid: int) -> bool:
 
 
 def stage_status(stage_dir: Path, fingerprint: str) -> tuple[str, dict[str, Any]]:
-    """(status, details) where status is done | running | failed | pending."""
+    """(status, details) where status is done | running | failed | stopped | pending."""
     meta = read_meta(stage_dir / "model")
     if meta is not None and meta.get("fingerprint") == fingerprint:
         return "done", meta
@@ -59,6 +60,6 @@ def stage_status(stage_dir: Path, fingerprint: str) -> tuple[str, dict[str, Any]
         if state.get("host") == socket.gethostname() and not _alive(int(state.get("pid", -1))):
             return "failed", {**state, "error": "the process running it died (killed?); `instar run` resumes it"}
         return "running", state
-    if state.get("state") == "failed":
-        return "failed", state
+    if state.get("state") in ("failed", "stopped"):
+        return state["state"], state
     return "pending", state

@@ -1,6 +1,10 @@
 """Stop a stage cleanly when the scheduler asks: checkpoint at the next step boundary, exit with
 PREEMPTED_EXIT, and (under Slurm) put the job back in the queue so it resumes from that checkpoint.
 
+Under `instar run` (any executor but Slurm), `stop_on_signals` makes the first SIGTERM or SIGINT
+stop at the next step boundary the same way (a torchrun stage's ranks learn it through their stop
+file, instar.trainer.stop), and a second one stop at once.
+
 The worker installs the handlers (`install`). SIGUSR2 is what `instar submit` scripts ask Slurm to
 send before the time limit (`--signal=B:USR2@N`, forwarded by the batch shell to the job step);
 SIGTERM is what Slurm sends on preemption or at the time limit, KillWait seconds before SIGKILL.
@@ -13,8 +17,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
-from instar.trainer.stop import PREEMPTED_EXIT, Preempted, arm, received, record  # noqa: F401  (the worker's API)
+from instar.trainer.stop import (PREEMPTED_EXIT, Interrupted, Preempted, arm, disarm,  # noqa: F401  (the worker's API)
+                                 received, record)
 
 
 def _on_signal(signum, frame) -> None:
@@ -35,6 +43,39 @@ def install() -> None:
     if os.environ.get("INSTAR_REQUEUE_JOB"):
         signal.signal(signal.SIGTERM, _on_signal)
     arm()
+
+
+def _on_local_signal(signum, frame) -> None:
+    if received():
+        raise Interrupted(signum)  # the second signal: stop wherever the run is
+    record(signum)
+    name = signal.Signals(signum).name
+    # os.write, not print: the handler may run while the main thread is inside a print to stderr.
+    try:
+        os.write(2, f"[instar] {name}: stopping at the next step boundary after a checkpoint; "
+                    f"send it again to stop at once\n".encode())
+    except OSError:  # SIGHUP: the terminal is gone
+        pass
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """The `instar run` process: the first SIGTERM (docker stop, a scheduler), SIGINT (Ctrl-C) or
+    SIGHUP (its terminal closed; torchrun, in its own process group, no longer hears it) asks the
+    running stage to checkpoint and stop; a second raises Interrupted at once."""
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works there only
+        yield
+        return
+    # A signal ignored already stays ignored (`instar run ... &` in a script ignores SIGINT).
+    previous = {sig: signal.signal(sig, _on_local_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
+    arm()
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        disarm()
 
 
 def requeue_wanted() -> bool:

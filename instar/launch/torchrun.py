@@ -14,6 +14,7 @@ from pathlib import Path
 
 from instar.config.schema import DistributedConfig
 from instar.errors import InstarError, RecipeError
+from instar.trainer.stop import STOP_FILE_ENV, Preempted, received, signal_name
 
 
 class StageFailed(InstarError):
@@ -89,6 +90,16 @@ def _tail(path: Path, lines: int = 12) -> str:
         return ""
 
 
+def _wait(proc: subprocess.Popen, stop_file: Path) -> int:
+    """torchrun's exit code; once this process received a stop signal, the ranks' stop file says so."""
+    while True:
+        try:
+            return proc.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            if received() and not stop_file.exists():
+                stop_file.write_text(signal_name())
+
+
 def run_stage_torchrun(run_dir: Path, stage: str, dist: DistributedConfig, node_rank: int, run_id: str) -> None:
     """Launch the stage's ranks and wait. Rank 0's output reaches the console; on failure raise
     StageFailed naming the rank, what happened to it, and its log."""
@@ -103,7 +114,13 @@ def run_stage_torchrun(run_dir: Path, stage: str, dist: DistributedConfig, node_
     # two virtualenvs never rebuild over each other (a build takes ~30 s).
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    # A stop the user asks of `instar run` reaches the ranks through this file, not as a signal:
+    # torchrun's SIGTERM to the ranks also means "a rank failed", where a rank must die at once.
+    stop_file = run_dir / stage / "stop-requested"
+    stop_file.unlink(missing_ok=True)
+    env[STOP_FILE_ENV] = str(stop_file)
+    # Its own process group: Ctrl-C in a terminal signals `instar run` alone, which asks the ranks.
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, process_group=0)
     tail: collections.deque[str] = collections.deque(maxlen=200)
 
     def pump() -> None:
@@ -126,14 +143,19 @@ def run_stage_torchrun(run_dir: Path, stage: str, dist: DistributedConfig, node_
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     try:
-        code = proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
+        code = _wait(proc, stop_file)
+    except BaseException:  # a second stop signal (Interrupted), or Ctrl-C before the handlers
+        proc.terminate()  # torchrun passes SIGTERM on; the ranks keep its default action and die
         proc.wait()
         raise
+    finally:
+        stop_file.unlink(missing_ok=True)  # the ranks are gone: it must not stop the next attempt
     reader.join(timeout=5)
     if code == 0:
         return
+    stopped = re.search(r"stage '.*': stopped at step \d+ on [^,\n]+, checkpoint saved", "".join(tail))
+    if stopped and received():
+        raise Preempted(stopped.group(0))
     logs = run_dir / stage / "logs"
     rank, what = _root_cause(list(tail))
     if rank is not None:

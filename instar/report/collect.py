@@ -36,7 +36,7 @@ class StageReport:
     kind: str
     parents: list[str]
     fingerprint: str
-    status: str  # done | running | failed | pending (instar.graph.state.stage_status)
+    status: str  # done | running | failed | stopped | pending (instar.graph.state.stage_status)
     depth: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)  # final metrics from model/instar.json (done only)
     error: str = ""
@@ -62,7 +62,7 @@ class StageReport:
     @property
     def interrupted(self) -> bool:
         """Not finished, and stopped part-way: its process died, or a log ends in a cut-off line."""
-        if self.status in ("done", "running"):
+        if self.status in ("done", "running", "stopped"):
             return False
         return self.died or self.cut_off
 
@@ -111,6 +111,9 @@ class StageReport:
                        + "; `instar run` resumes it")
         elif self.status == "failed" and self.error:
             out.append("failed: " + self.error.strip().splitlines()[-1][:200])
+        elif self.status == "stopped":
+            out.append("stopped: " + (self.error.strip().splitlines()[-1][:200] if self.error else "on a signal")
+                       + "; `instar run` resumes it")
         elif self.status == "running":
             out.append("still running; curves show the steps logged so far")
         elif self.status == "pending":
@@ -208,7 +211,7 @@ def collect(run_dir: Path) -> RunReport:
             parents=[str(p) for p in parents] if isinstance(parents := entry.get("parents"), list) else [],
             fingerprint=fingerprint, status=status,
             metrics=metrics if isinstance(metrics, dict) else {},
-            error=str(details.get("error") or "") if status == "failed" else "",
+            error=str(details.get("error") or "") if status in ("failed", "stopped") else "",
             metrics_log=read_log(stage_dir / "metrics.jsonl"), eval_log=read_log(stage_dir / "eval.jsonl")))
     _depths(stages)
     recipe = str(graph.get("recipe", ""))

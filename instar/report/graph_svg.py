@@ -13,6 +13,7 @@ STATE_COLORS = {
     "running": ("#e3f2fd", "#1565c0"),
     "failed": ("#ffebee", "#c62828"),
     "interrupted": ("#fff3e0", "#ef6c00"),
+    "stopped": ("#fff3e0", "#ef6c00"),
     "pending": ("#f5f5f5", "#9e9e9e"),
 }
 

@@ -89,7 +89,7 @@ def _table(run: RunReport, swatches: dict[str, str]) -> str:
 def _notes(run: RunReport) -> str:
     items = []
     for s in run.stages:
-        if s.state in ("interrupted", "failed", "running") or s.cut_off:
+        if s.state in ("interrupted", "failed", "stopped", "running") or s.cut_off:
             items.append(f"<li><b>{escape(s.name)}</b>: {escape('; '.join(s.notes()))}</li>")
         elif s.status == "done" and not s.has_eval:
             items.append(f"<li><b>{escape(s.name)}</b>: no eval for this stage (no exact-match result); "

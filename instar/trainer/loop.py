@@ -21,6 +21,7 @@ import torch
 
 from instar.console import StageProgress, say
 from instar.config.precision import precision_policy
+from instar.data.checks import small_data_note, unknown_characters_note
 from instar.data.formats import ROW_FORMATS
 from instar.data.jsonl import read_rows
 from instar.data.packing import Batcher
@@ -72,6 +73,21 @@ def _read_sources(ctx: StageContext, kind) -> tuple[list[list[dict]], int]:
     return out, skipped
 
 
+def _data_notes(ctx: StageContext, layout: BatchLayout, tokenizer, rows: list, sources: list) -> list[str]:
+    """What trains but likely not as meant: a source smaller than one global batch, characters
+    the tokenizer cannot spell (token shards were encoded already: not scanned)."""
+    from instar.data.shards import TokenShards
+
+    shape = (f"micro_batch_size {layout.micro_batch_size} x grad_accum {layout.grad_accum} x "
+             f"{layout.world_size} rank(s)")
+    notes = []
+    for path, raw, source in zip(ctx.data_paths, rows, sources):
+        notes.append(small_data_note(path, len(source), layout.global_batch_size, shape))
+        if not isinstance(raw, TokenShards):
+            notes.append(unknown_characters_note(path, raw, tokenizer))
+    return [f"[{ctx.name}] {note}" for note in notes if note]
+
+
 @dataclass
 class StageRun:
     """What one training stage runs with, built once by `setup` on every rank."""
@@ -116,6 +132,8 @@ def setup(ctx: StageContext, kind) -> StageRun:
         say(f"[{ctx.name}] {mfu.note}", quiet)
     rows, skipped_rows = _read_sources(ctx, kind)
     sources, weights = kind.build_sources(tokenizer, rows)
+    for note in [] if quiet else _data_notes(ctx, layout, tokenizer, rows, sources):
+        say(note)
     samplers = [EpochSampler(len(s), seed=ctx.seed + i) for i, s in enumerate(sources)]
     batcher = Batcher(sources, MixtureSampler(samplers, weights, seed=ctx.seed), train.seq_len,
                       train.packing and kind.packs_rows, tokenizer.pad_token_id)
