@@ -96,6 +96,8 @@ def test_kto_equals_trl_end_to_end(tmp_path, loss, per_row):
     if loss == "kto":
         assert work.metrics["kl"] == pytest.approx(trainer._metrics["train"]["kl"][-1], abs=1e-6)
         assert work.metrics["kl"] > 0  # the two random models disagree: z is not clamped to 0 here
+    else:  # a loss without z never runs the mismatched completions (TRL's calculate_kl=False)
+        assert "kl" not in work.metrics
     chosen = metrics["rewards/chosen"]
     assert float(chosen.total / chosen.count) == pytest.approx(trainer._metrics["train"]["rewards/chosen"][-1], abs=1e-5)
     for mine, theirs in zip(torch.autograd.grad(ours_loss, params), expected_grads, strict=True):

@@ -3,15 +3,34 @@ policy/reference log-ratios r, the step's KL estimate z and their labels (formul
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from instar.registry import Registry
 
-# (log-ratios r [n], KL estimate z, desirable [n] bool, spec) -> per-completion losses [n]
-KTO_LOSSES: Registry[Callable] = Registry("KTO loss")
+
+@dataclass(frozen=True)
+class KtoLoss:
+    fn: Callable  # (log-ratios r [n], KL estimate z, desirable [n] bool, spec) -> per-completion losses [n]
+    uses_kl: bool  # whether it reads z (else the mismatched completions are never run)
+
+    def __call__(self, r, z, desirable, spec):
+        return self.fn(r, z, desirable, spec)
 
 
-@KTO_LOSSES.register("kto")
+KTO_LOSSES: Registry[KtoLoss] = Registry("KTO loss")
+
+
+def kto_loss(name: str, uses_kl: bool):
+    """Register `fn(r, z, desirable, spec)` as the KTO loss `name`."""
+    def add(fn):
+        KTO_LOSSES.register(name)(KtoLoss(fn, uses_kl))
+        return fn
+
+    return add
+
+
+@kto_loss("kto", uses_kl=True)
 def _kto(r, z, desirable, spec):
     import torch
 
@@ -19,7 +38,7 @@ def _kto(r, z, desirable, spec):
                        spec.undesirable_weight * (1 - torch.sigmoid(spec.beta * (z - r))))
 
 
-@KTO_LOSSES.register("apo_zero_unpaired")
+@kto_loss("apo_zero_unpaired", uses_kl=False)
 def _apo_zero(r, z, desirable, spec):
     import torch
 

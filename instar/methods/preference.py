@@ -93,32 +93,8 @@ def preference_losses(policy_c, policy_r, ref_c, ref_r, n_c, n_r, spec) -> tuple
     return losses, spec.beta * (policy_c - ref_c), spec.beta * (policy_r - ref_r)
 
 
-def segment_logps(logits, batch) -> tuple:
-    """Summed target log-probs and target counts per (chosen, rejected) pair in the batch.
-
-    Pairs are laid out as consecutive documents (chosen = even document id, rejected = odd)."""
-    import torch
-
-    from instar.data.example import IGNORE
-
-    targets = batch.targets
-    valid = targets != IGNORE
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    logp = logp * valid
-    docs = int(batch.doc_ids.max()) + 1
-    index = batch.doc_ids.clamp(min=0)
-    sums = torch.zeros(targets.shape[0], docs, dtype=logp.dtype, device=logp.device).scatter_add_(1, index, logp)
-    counts = torch.zeros(targets.shape[0], docs, dtype=logp.dtype, device=logp.device).scatter_add_(
-        1, index, valid.to(logp.dtype))
-    pairs = counts[:, 0::2] > 0
-    chosen_sum, rejected_sum = sums[:, 0::2][pairs], sums[:, 1::2][pairs]
-    chosen_n, rejected_n = counts[:, 0::2][pairs], counts[:, 1::2][pairs]
-    return chosen_sum, rejected_sum, chosen_n, rejected_n
-
-
-def document_logps(logits, batch) -> tuple:
-    """Summed target log-probs and target counts of every document of the batch, row by row and
-    left to right (the order of `[ex for row in rows for ex in row]`)."""
+def _document_sums(logits, batch) -> tuple:
+    """Summed target log-probs and target counts per (row, document), both [rows, documents]."""
     import torch
 
     from instar.data.example import IGNORE
@@ -130,5 +106,23 @@ def document_logps(logits, batch) -> tuple:
     index = batch.doc_ids.clamp(min=0)
     sums = torch.zeros(targets.shape[0], docs, dtype=logp.dtype, device=logp.device).scatter_add_(1, index, logp)
     counts = torch.zeros_like(sums).scatter_add_(1, index, valid.to(logp.dtype))
+    return sums, counts
+
+
+def segment_logps(logits, batch) -> tuple:
+    """Summed target log-probs and target counts per (chosen, rejected) pair in the batch.
+
+    Pairs are laid out as consecutive documents (chosen = even document id, rejected = odd)."""
+    sums, counts = _document_sums(logits, batch)
+    pairs = counts[:, 0::2] > 0
+    chosen_sum, rejected_sum = sums[:, 0::2][pairs], sums[:, 1::2][pairs]
+    chosen_n, rejected_n = counts[:, 0::2][pairs], counts[:, 1::2][pairs]
+    return chosen_sum, rejected_sum, chosen_n, rejected_n
+
+
+def document_logps(logits, batch) -> tuple:
+    """Summed target log-probs and target counts of every document of the batch, row by row and
+    left to right (the order of `[ex for row in rows for ex in row]`)."""
+    sums, counts = _document_sums(logits, batch)
     present = counts > 0
     return sums[present], counts[present]

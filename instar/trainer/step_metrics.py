@@ -47,8 +47,8 @@ class StepMetrics:
         self._loss = loss if self._loss is None else self._loss + loss
         for name, mean in metrics.items():
             part = self._parts.setdefault(name, [0.0, 0.0])
-            part[0] = part[0] + _double(mean.total, loss.device)
-            part[1] = part[1] + _double(mean.count, loss.device)
+            part[0] = part[0] + _exact(mean.total)
+            part[1] = part[1] + _exact(mean.count)  # counts are often host numbers: no copy per micro-batch
 
     def reduce(self, engine) -> tuple[float, dict[str, float]]:
         """(the step's loss, {metric: sum / count}) over all ranks, in one collective."""
@@ -63,6 +63,11 @@ class StepMetrics:
             total, count = flat[1 + 2 * i], flat[2 + 2 * i]
             out[name] = total / count if count else float("nan")
         return flat[0], out
+
+
+def _exact(value):
+    """A tensor in fp64 (as Python floats sum), a number as it is."""
+    return value.double() if isinstance(value, torch.Tensor) else value
 
 
 def _double(value, device) -> torch.Tensor:

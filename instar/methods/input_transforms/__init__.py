@@ -13,6 +13,7 @@ a recipe is checked without it.
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 from instar.config.schema import Strict
@@ -26,16 +27,16 @@ class TransformSpec(Strict):
     name: str
 
 
-class InputTransform:
+class InputTransform(ABC):
     Spec: type[TransformSpec] = TransformSpec
 
     def __init__(self, spec: TransformSpec, tokenizer, seed: int, total_steps: int):
         self.spec, self.tokenizer, self.seed, self.total_steps = spec, tokenizer, seed, total_steps
 
+    @abstractmethod
     def __call__(self, batch: "Batch", step: int, first_row: int) -> "Batch":
         """The batch with its inputs changed; `first_row` is the global index (over all ranks) of
         the batch's first row in the step, for per-row seeds."""
-        raise NotImplementedError
 
 
 _REGISTRY: Registry[str] = Registry("input transform")

@@ -118,10 +118,10 @@ class DpoKind(DpoDefinition, TrainingKind):
         """The default micro-batches, plus each pair's cached reference log-probs in the order
         `segment_logps` returns pairs (row by row, left to right)."""
         work = super().step_batches(engine, batcher, rows_all, mine, layout, step)
-        if self.ctx.spec.reference_free:
-            return work
-        if self.ctx.spec.reference_logps != "cached":
-            self._reference_model(engine)  # `loss` runs it on each batch
+        if self.ctx.spec.reference_free or self.ctx.spec.reference_logps != "cached":
+            if not self.ctx.spec.reference_free:
+                self._reference_model(engine)  # `loss` runs it on each batch
+            work.batches = [batch.extend(PairBatch) for batch in work.batches]
             return work
         if self._ref_cache is None:
             from instar.trainer.reference_cache import cached_pair_logps
@@ -160,7 +160,7 @@ class DpoKind(DpoDefinition, TrainingKind):
         spec = self.ctx.spec
         if spec.reference_free:
             ref_c = ref_r = torch.zeros_like(policy_c)
-        elif getattr(batch, "ref_logps", None) is not None:
+        elif batch.ref_logps is not None:
             ref_c, ref_r = batch.ref_logps.to(policy_c).unbind(-1)
         else:
             with torch.no_grad():  # step_batches loaded the reference

@@ -290,7 +290,7 @@ def shares_prompts(model, batch: dict, group_size: int) -> bool:
     from instar.kernels.fp8.linear import Float8Linear
     from instar.models.attention import uses_flash_attention
 
-    if (getattr(batch, "prompt_lens", None) is None or getattr(batch, "completion_lens", None) is None
+    if (not isinstance(batch, RolloutBatch) or batch.prompt_lens is None or batch.completion_lens is None
             or batch.input_ids.shape[0] % group_size):
         return False
     hf = hf_model(model)

@@ -141,11 +141,16 @@ class KtoKind(KtoDefinition, TrainingKind):
 
         work = super().step_batches(engine, batcher, rows_all, mine, layout, step)
         mb, pad = layout.micro_batch_size, self._tokenizer.pad_token_id
+        uses_kl = KTO_LOSSES[self.ctx.spec.loss].uses_kl
         total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # Σ (log π − log π_ref)(y'|x), count
         for i, batch in enumerate(work.batches):
             rows = mine[i * mb:(i + 1) * mb]
             examples = [ex for row in rows for ex in row]
             ref = self._reference_logps(engine, examples).to(engine.device)
+            work.batches[i] = batch.extend(FeedbackBatch, ref_logps=ref[:, 0],
+                                           desirable=torch.tensor([ex.desirable for ex in examples]))
+            if not uses_kl:
+                continue
             mismatched = [[ex.mismatched for ex in row] for row in rows]
             kl_batch = collate_rows(mismatched, pad, max(sum(len(e.input_ids) for e in r) for r in mismatched))
             kl_batch = kl_batch.to(engine.device)
@@ -153,13 +158,12 @@ class KtoKind(KtoDefinition, TrainingKind):
                 policy_kl, _ = document_logps(forward_logits(engine.model, kl_batch), kl_batch)
             total += torch.stack([(policy_kl.double() - ref[:, 1].double()).sum(), torch.tensor(
                 float(len(examples)), dtype=torch.float64, device=engine.device)])
-            work.batches[i] = batch.extend(FeedbackBatch, ref_logps=ref[:, 0],
-                                           desirable=torch.tensor([ex.desirable for ex in examples]))
-        total = engine.all_reduce_tensor(total)
-        z = max(0.0, float(total[0] / total[1])) if self.ctx.spec.loss == "kto" else 0.0
-        for batch in work.batches:
-            batch.kl = z
-        work.metrics["kl"] = z
+        if uses_kl:
+            total = engine.all_reduce_tensor(total)
+            z = max(0.0, float(total[0] / total[1]))
+            for batch in work.batches:
+                batch.kl = z
+            work.metrics["kl"] = z
         return work
 
     def loss_denominator(self, rows) -> int:
